@@ -1,0 +1,146 @@
+"""The on-disk prediction format written by ``infer.py`` and read by ``eval.py``.
+
+For an image ``IMG`` (relative stem, sub-folders kept) a prediction folder holds:
+
+- ``IMG.png``: single-channel label map at the image's size; 0 = unlabelled, i = i-th name of the vocabulary.
+- ``IMG.json``: ``{"image": path, "vocabulary": [names, label 1 first], "pixel_fraction": {name: fraction}, ...}``.
+- ``IMG_overlay.jpg``: colours and a name legend, for people.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from autoseg.utils.io import atomic_write_json, save_image_atomic
+
+UNLABELLED = 0
+
+
+@dataclass
+class Prediction:
+    """One image's auto-vocabulary segmentation.
+
+    Attributes:
+        vocabulary: names; label ``i`` (1-based) in ``label_map`` is ``vocabulary[i - 1]``.
+        label_map: ``H x W`` integer map at the input image's size, 0 = unlabelled.
+        cluster_map: ``h x w`` BBoost cluster map on the patch grid (None when not computed).
+        captions: per cluster id, the captions generated for it.
+        extra: anything else worth saving in the JSON (timings, settings).
+    """
+
+    vocabulary: list[str]
+    label_map: np.ndarray
+    cluster_map: np.ndarray | None = None
+    captions: dict[int, list[str]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pixel_fraction(self) -> dict[str, float]:
+        counts = np.bincount(self.label_map.ravel().astype(np.int64), minlength=len(self.vocabulary) + 1)
+        total = max(int(counts.sum()), 1)
+        out = {name: float(counts[i + 1]) / total for i, name in enumerate(self.vocabulary)}
+        out["<unlabelled>"] = float(counts[UNLABELLED]) / total
+        return out
+
+
+def palette(n: int, seed: int = 7) -> np.ndarray:
+    """``n x 3`` uint8 colours; index 0 (unlabelled) is black, the rest are bright and distinct."""
+    rng = np.random.default_rng(seed)
+    cols = np.zeros((max(n, 1), 3), dtype=np.uint8)
+    golden = 0.618033988749895
+    for i in range(1, n):
+        h = (i * golden) % 1.0
+        s, v = 0.65 + 0.35 * rng.random(), 0.85 + 0.15 * rng.random()
+        cols[i] = np.array(_hsv_to_rgb(h, s, v)) * 255
+    return cols
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> tuple[float, float, float]:
+    i = int(h * 6) % 6
+    f = h * 6 - int(h * 6)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+
+
+def render_overlay(image: Image.Image, label_map: np.ndarray, vocabulary: list[str], alpha: float = 0.5) -> Image.Image:
+    """Blend label colours over the image and add a legend strip with each present name."""
+    cols = palette(len(vocabulary) + 1)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    colour = cols[label_map].astype(np.float32)
+    labelled = (label_map != UNLABELLED)[..., None]
+    blended = np.where(labelled, (1 - alpha) * rgb + alpha * colour, rgb).astype(np.uint8)
+    out = Image.fromarray(blended)
+    present = [i for i in np.unique(label_map) if i != UNLABELLED]
+    if not present:
+        return out
+    font = ImageFont.load_default()
+    row = 14
+    legend = Image.new("RGB", (out.width, row * len(present) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(legend)
+    for r, i in enumerate(present):
+        y = 2 + r * row
+        draw.rectangle([4, y + 1, 14, y + 11], fill=tuple(int(c) for c in cols[i]))
+        draw.text((20, y), vocabulary[i - 1], fill=(0, 0, 0), font=font)
+    canvas = Image.new("RGB", (out.width, out.height + legend.height), (255, 255, 255))
+    canvas.paste(out, (0, 0))
+    canvas.paste(legend, (0, out.height))
+    return canvas
+
+
+def write_prediction(out_dir: str | Path, stem: str | Path, image: Image.Image, image_path: str, pred: Prediction) -> dict:
+    """Write ``stem.png``, ``stem.json`` and ``stem_overlay.jpg`` under ``out_dir`` atomically.
+
+    Returns:
+        the JSON record written.
+    """
+    out_dir = Path(out_dir)
+    base = out_dir / Path(stem)
+    if pred.label_map.shape != (image.height, image.width):
+        raise ValueError(f"label map {pred.label_map.shape} does not match image {(image.height, image.width)}")
+    n = len(pred.vocabulary)
+    if n > 65535:
+        raise ValueError(f"vocabulary of {n} names does not fit a 16-bit PNG")
+    mode, dtype = ("L", np.uint8) if n <= 255 else ("I;16", np.uint16)
+    save_image_atomic(base.with_name(base.name + ".png"), Image.fromarray(pred.label_map.astype(dtype), mode=mode))
+    record = {
+        "image": str(image_path),
+        "size": [image.width, image.height],
+        "vocabulary": list(pred.vocabulary),
+        "pixel_fraction": pred.pixel_fraction(),
+        "captions": {str(k): v for k, v in pred.captions.items()},
+        **pred.extra,
+    }
+    atomic_write_json(base.with_name(base.name + ".json"), record)
+    overlay = render_overlay(image, pred.label_map, pred.vocabulary)
+    save_image_atomic(base.with_name(base.name + "_overlay.jpg"), overlay, quality=90)
+    return record
+
+
+def read_prediction(pred_dir: str | Path, stem: str | Path) -> tuple[np.ndarray, list[str]]:
+    """Read back ``(label_map, vocabulary)`` written by :func:`write_prediction`.
+
+    Raises:
+        FileNotFoundError: the PNG or the JSON is missing (the message names it).
+        ValueError: the JSON is malformed or the label map uses labels beyond the vocabulary.
+    """
+    base = Path(pred_dir) / Path(stem)
+    png, js = base.with_name(base.name + ".png"), base.with_name(base.name + ".json")
+    for f in (png, js):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: prediction file missing (expected infer.py output IMG.png + IMG.json)")
+    try:
+        vocabulary = json.loads(js.read_text(encoding="utf-8"))["vocabulary"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{js}: expected a JSON object with a 'vocabulary' list ({e})") from e
+    with Image.open(png) as im:
+        label_map = np.asarray(im).astype(np.int64)
+    if label_map.ndim != 2:
+        raise ValueError(f"{png}: expected a single-channel label map, got shape {label_map.shape}")
+    if label_map.max(initial=0) > len(vocabulary):
+        raise ValueError(f"{png}: label {label_map.max()} exceeds the vocabulary of {len(vocabulary)} names in {js}")
+    return label_map, list(vocabulary)

@@ -1,0 +1,118 @@
+"""Small file helpers shared by the entry points: atomic writes and robust image reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class ImageReadError(ValueError):
+    """An input file could not be read as an image; the message names the file and the reason."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a file atomically: ``write(tmp_path)`` fills a temporary file that then replaces ``path``.
+
+    A crash or an exception leaves either the old file or none, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_image_atomic(path: str | os.PathLike, image: Image.Image, **save_kwargs: Any) -> Path:
+    """Save a PIL image atomically; the format follows ``path``'s extension."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    return atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **save_kwargs))
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Scale 16-bit / 32-bit integer and float images to 8-bit grayscale by their value range."""
+    arr = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (image.mode == "I" and arr.max(initial=0) > 255):
+        arr = arr / 65535.0 if arr.max(initial=0) <= 65535 else arr / arr.max()
+    elif image.mode == "F":
+        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    else:
+        arr = arr / 255.0
+    return Image.fromarray(np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8), mode="L")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read an image file as 8-bit RGB, honouring EXIF orientation.
+
+    Grayscale, palette, RGBA (composited on white), CMYK and 16-bit/float images are converted.
+
+    Raises:
+        ImageReadError: the file is missing, not an image, or truncated; the message names the file.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except FileNotFoundError as e:
+        raise ImageReadError(f"{path}: file not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        im = _to_8bit(im)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
+def find_images(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, Path]]:
+    """Expand files and folders (recursively) into ``(file, relative_stem)`` pairs, in a stable order.
+
+    For a folder argument, ``relative_stem`` keeps the sub-folders under it; for a file it is the bare stem.
+    Every non-hidden file is returned, whatever its extension, so that a non-image in an input folder is
+    reported by the caller rather than silently dropped.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+    """
+    found: list[tuple[Path, Path]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(
+                f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            )
+            found += [(f, f.relative_to(p).with_suffix("")) for f in files]
+        elif p.is_file():
+            found.append((p, Path(p.stem)))
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return found
