@@ -1,0 +1,156 @@
+"""``infer.py``: segment images with an automatically found vocabulary and write label maps, JSON and overlays."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from autoseg.config import load_config, to_dict
+from autoseg.models.loading import ModelLoadError
+from autoseg.outputs import write_prediction
+from autoseg.utils.io import ImageReadError, atomic_write_json, find_images, load_image
+
+log = logging.getLogger("autoseg.infer")
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="infer.py",
+        description="Name the things in each image and segment them (no class list needed). For each image IMG "
+        "writes IMG.png (label map: 0 = unlabelled, i = i-th vocabulary name), IMG.json (vocabulary, pixel "
+        "fractions, captions) and IMG_overlay.jpg, plus manifest.json for the whole run.",
+    )
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument("--config", type=Path, metavar="YAML", help="pipeline config (see configs/pipeline/)")
+    p.add_argument("--blip", metavar="ID_OR_DIR", help="BLIP captioner: Hugging Face id or local directory")
+    p.add_argument("--segmenter", metavar="ID_OR_DIR", help="segmenter weights: Hugging Face id or local directory")
+    p.add_argument("--seed", type=int, help="seed for clustering and caption sampling (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (float32 on CPU)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default 4)")
+    p.add_argument("--skip-existing", action="store_true", help="keep outputs already in DIR, process the rest")
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    out: dict = {}
+    for key in ("blip", "seed", "device", "dtype", "batch_size"):
+        if getattr(args, key) is not None:
+            out[key] = getattr(args, key)
+    if args.segmenter is not None:
+        out["segmenter"] = {"source": args.segmenter}
+    return out
+
+
+def unique_stems(found: Sequence[tuple[Path, Path]]) -> list[Path]:
+    """Relative output stems; a clash (``a.jpg`` and ``a.png``) keeps the extension in the later name."""
+    used: set[str] = set()
+    stems = []
+    for file, stem in found:
+        s = stem
+        if str(s) in used:
+            s = stem.with_name(f"{stem.name}_{file.suffix.lstrip('.')}")
+        n = 2
+        while str(s) in used:
+            s, n = stem.with_name(f"{stem.name}_{n}"), n + 1
+        used.add(str(s))
+        stems.append(s)
+    return stems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run inference; returns 0 when every input succeeded, 1 when some failed, 2 on usage/setup errors."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        found = find_images(args.paths)
+        config = load_config(args.config, overrides_from_args(args))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if config.batch_size < 1:
+        print(f"infer.py: error: --batch-size must be >= 1, got {config.batch_size}", file=sys.stderr)
+        return EXIT_USAGE
+    if not found:
+        print(f"infer.py: error: no files found in {' '.join(args.paths)}", file=sys.stderr)
+        return EXIT_USAGE
+    out_dir: Path = args.output
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    from autoseg.pipeline import AutoSegPipeline  # heavy imports only after the arguments are known to be good
+
+    try:
+        pipeline = AutoSegPipeline.from_config(config)
+    except (ModelLoadError, OSError, ValueError) as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    stems = unique_stems(found)
+    entries: list[dict] = []
+    manifest = {"config": to_dict(config), "inputs": entries}
+    todo: list[tuple[Path, Path, dict]] = []
+    for (file, _), stem in zip(found, stems, strict=True):
+        entry = {"input": str(file), "output": str(stem), "status": "pending"}
+        entries.append(entry)
+        if args.skip_existing and all((out_dir / f"{stem}{ext}").is_file() for ext in (".png", ".json")):
+            entry.update(status="ok", skipped=True)
+            continue
+        todo.append((file, stem, entry))
+
+    bar = tqdm(total=len(todo), desc="segmenting", unit="img", disable=None)
+    for start in range(0, len(todo), config.batch_size):
+        batch = []
+        for file, stem, entry in todo[start : start + config.batch_size]:
+            try:
+                batch.append((load_image(file), file, stem, entry))
+            except ImageReadError as e:
+                entry.update(status="error", reason=str(e))
+                log.warning("skipped %s", e)
+                bar.update(1)
+        _run_batch(pipeline, batch, out_dir)
+        bar.update(len(batch))
+        atomic_write_json(out_dir / "manifest.json", manifest)  # progress survives a crash
+    bar.close()
+    atomic_write_json(out_dir / "manifest.json", manifest)
+
+    failed = [e for e in entries if e["status"] != "ok"]
+    print(f"{len(entries) - len(failed)} of {len(entries)} inputs segmented; outputs in {out_dir}")
+    for e in failed:
+        print(f"  failed: {e.get('reason', e['input'])}", file=sys.stderr)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _run_batch(pipeline, batch: list, out_dir: Path) -> None:
+    """Segment a batch; if the batch fails, retry image by image so that one bad input costs only itself."""
+    if not batch:
+        return
+    t0 = time.perf_counter()
+    try:
+        preds = pipeline([b[0] for b in batch])
+    except Exception:  # noqa: BLE001 - isolate the failing image below
+        if len(batch) > 1:
+            for item in batch:
+                _run_batch(pipeline, [item], out_dir)
+            return
+        _, file, _, entry = batch[0]
+        log.exception("failed on %s", file)
+        entry.update(status="error", reason=f"{file}: pipeline failed ({sys.exc_info()[1]!r})")
+        return
+    seconds = (time.perf_counter() - t0) / len(batch)
+    for (image, file, stem, entry), pred in zip(batch, preds, strict=True):
+        try:
+            pred.extra["seconds"] = round(seconds, 3)
+            write_prediction(out_dir, stem, image, str(file), pred)
+            entry.update(status="ok", vocabulary=pred.vocabulary)
+        except OSError as e:
+            entry.update(status="error", reason=f"{file}: could not write outputs ({e})")

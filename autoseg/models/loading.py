@@ -1,0 +1,87 @@
+"""One entry point for pretrained weights: a Hugging Face id or a local directory, with errors that say how to fix."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlparse
+
+T = TypeVar("T")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the source and how to provide it."""
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def load_pretrained(source: str | os.PathLike, what: str, loader: Callable[..., T], flag: str = "") -> T:
+    """Load with ``loader(source, local_files_only=...)`` from a local directory or a hub id.
+
+    A local directory is loaded as is. A hub id is first looked up in the local cache only (fast, no network);
+    only when that misses and the hub is not marked offline is a download attempted, with short timeouts.
+
+    Args:
+        source: Hugging Face id (``org/name``) or local directory.
+        what: human name for messages, e.g. "BLIP captioner".
+        loader: e.g. ``BlipForConditionalGeneration.from_pretrained``.
+        flag: the command-line flag that sets this source, named in the error.
+
+    Raises:
+        ModelLoadError: not loadable; the message names ``source`` and how to pass a local directory.
+    """
+    source = str(source)
+    path = Path(source).expanduser()
+    hint = f" (pass a local directory with {flag})" if flag else ""
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{what}: {source} is a file; expected a model directory (save_pretrained output)")
+        try:
+            return loader(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(
+                f"{what}: could not load the directory {source}: {e}\n"
+                f"Expected a directory written by save_pretrained (config.json + weights + processor files){hint}."
+            ) from e
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelLoadError(f"{what}: no such directory: {source}{hint}")
+    try:
+        return loader(source, local_files_only=True)
+    except (OSError, ValueError) as cached_error:
+        if hub_offline():
+            raise ModelLoadError(_offline_message(what, source, flag, "HF_HUB_OFFLINE is set")) from cached_error
+    reachable, why = hub_reachable()
+    if not reachable:  # huggingface_hub would retry for ~30 s before giving up
+        raise ModelLoadError(_offline_message(what, source, flag, why))
+    try:
+        return loader(source)
+    except Exception as e:  # network, auth and missing-repo errors all mean the same thing to the user
+        raise ModelLoadError(_offline_message(what, source, flag, f"{type(e).__name__}: {str(e)[:300]}")) from e
+
+
+def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds (and why not)."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True, ""
+    except OSError as e:
+        return False, f"{url.hostname} unreachable: {e}"
+
+
+def _offline_message(what: str, source: str, flag: str, reason: str) -> str:
+    how = f"pass it with {flag} DIR" if flag else "pass that directory instead of the id"
+    return (
+        f"{what}: could not load '{source}': it is not a local directory, not in the Hugging Face cache, and the hub "
+        f"could not be used ({reason}).\n"
+        f"On a machine with internet run `hf download {source} --local-dir DIR` (or `save_pretrained(DIR)`), copy DIR "
+        f"here and {how}."
+    )
