@@ -1,0 +1,26 @@
+"""Shared test setup: no network, tiny random models saved to disk and loaded through the user-facing loaders."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are imported: tests never download
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory):
+    """A tiny random BLIP captioner (+ processor) saved with save_pretrained."""
+    from autoseg.models import scratch
+
+    model, processor = scratch.make_blip(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, patch_size=8)
+    return scratch.save(model, processor, tmp_path_factory.mktemp("tiny_blip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clipseg_dir(tmp_path_factory):
+    """A tiny random CLIPSeg (+ processor) saved with save_pretrained."""
+    from autoseg.models import scratch
+
+    model, processor = scratch.make_clipseg(words=["dog", "cat", "grass", "sky"])
+    return scratch.save(model, processor, tmp_path_factory.mktemp("tiny_clipseg"))
