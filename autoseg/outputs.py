@@ -92,7 +92,9 @@ def render_overlay(image: Image.Image, label_map: np.ndarray, vocabulary: list[s
     return canvas
 
 
-def write_prediction(out_dir: str | Path, stem: str | Path, image: Image.Image, image_path: str, pred: Prediction) -> dict:
+def write_prediction(
+    out_dir: str | Path, stem: str | Path, image: Image.Image, image_path: str, pred: Prediction
+) -> dict:
     """Write ``stem.png``, ``stem.json`` and ``stem_overlay.jpg`` under ``out_dir`` atomically.
 
     Returns:

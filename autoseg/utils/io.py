@@ -108,7 +108,9 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, Path]]:
     for p in map(Path, paths):
         if p.is_dir():
             files = sorted(
-                f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                f
+                for f in p.rglob("*")
+                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
             found += [(f, f.relative_to(p).with_suffix("")) for f in files]
         elif p.is_file():

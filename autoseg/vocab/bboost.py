@@ -126,8 +126,11 @@ def hungarian_align(labels: torch.Tensor, reference: torch.Tensor, n_ref: int | 
     k = int(labels.max()) + 1
     n_ref = n_ref if n_ref is not None else int(reference.max()) + 1
     inter = torch.zeros(k, n_ref, dtype=torch.float64)
-    inter.index_put_((labels.flatten().cpu(), reference.flatten().cpu()), torch.ones(labels.numel(), dtype=torch.float64),
-                     accumulate=True)
+    inter.index_put_(
+        (labels.flatten().cpu(), reference.flatten().cpu()),
+        torch.ones(labels.numel(), dtype=torch.float64),
+        accumulate=True,
+    )
     area_a = inter.sum(1, keepdim=True)
     area_b = inter.sum(0, keepdim=True)
     iou = inter / (area_a + area_b - inter).clamp_min(1)

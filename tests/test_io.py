@@ -1,0 +1,81 @@
+"""Image reading (modes, EXIF, corrupt files), folder expansion and atomic writes."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from autoseg.utils.io import ImageReadError, atomic_write, atomic_write_json, find_images, load_image
+
+
+def exif_rotated_jpeg(path, size=(40, 20), orientation=6):
+    im = Image.new("RGB", size, (200, 10, 10))
+    im.paste((10, 10, 200), (0, 0, size[0] // 2, size[1]))  # left half blue
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif.tobytes())
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif_rotated_jpeg(tmp_path / "r.jpg")
+    im = load_image(tmp_path / "r.jpg")
+    assert im.size == (20, 40)  # orientation 6: rotate 90 degrees clockwise for display
+    top, bottom = np.asarray(im)[2, 10], np.asarray(im)[-3, 10]
+    assert top[2] > 150 and bottom[0] > 150  # the blue left half is now on top
+
+
+def test_modes_are_converted_to_rgb(tmp_path):
+    gray = Image.fromarray(np.full((8, 9), 77, np.uint8), "L")
+    gray.save(tmp_path / "gray.png")
+    deep = Image.fromarray(np.full((8, 9), 65535 // 2, np.uint16))
+    deep.save(tmp_path / "deep.png")
+    rgba = Image.new("RGBA", (8, 9), (255, 0, 0, 0))  # fully transparent: composited on white
+    rgba.save(tmp_path / "rgba.png")
+    pal = Image.new("RGB", (8, 9), (0, 128, 255)).convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.save(tmp_path / "pal.png")
+    Image.new("CMYK", (8, 9), (0, 0, 0, 0)).save(tmp_path / "cmyk.jpg")
+    got = {name: load_image(tmp_path / name) for name in ["gray.png", "deep.png", "rgba.png", "pal.png", "cmyk.jpg"]}
+    assert all(im.mode == "RGB" for im in got.values())
+    assert tuple(np.asarray(got["gray.png"])[0, 0]) == (77, 77, 77)
+    assert abs(int(np.asarray(got["deep.png"])[0, 0, 0]) - 128) <= 1  # 16-bit mid-grey -> 8-bit mid-grey
+    assert tuple(np.asarray(got["rgba.png"])[0, 0]) == (255, 255, 255)
+    assert tuple(np.asarray(got["pal.png"])[0, 0]) == (0, 128, 255)
+    assert np.asarray(got["cmyk.jpg"]).min() > 240  # no ink = white
+
+
+def test_unreadable_files_raise_with_the_path(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    for name in ["notes.txt", "cut.jpg", "missing.png"]:
+        with pytest.raises(ImageReadError, match=name):
+            load_image(tmp_path / name)
+
+
+def test_find_images_recurses_mirrors_subfolders_and_skips_hidden(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / ".cache").mkdir()
+    for rel in ["x.jpg", "a/y.png", "a/b/z.txt", ".hidden.png", ".cache/w.png"]:
+        (tmp_path / rel).write_bytes(b"")
+    found = find_images([tmp_path])
+    assert [str(stem) for _, stem in found] == ["a/b/z", "a/y", "x"]
+    single = find_images([tmp_path / "a" / "y.png"])
+    assert [str(stem) for _, stem in single] == ["y"]
+    with pytest.raises(FileNotFoundError, match="nope"):
+        find_images([tmp_path / "nope"])
+
+
+def test_atomic_write_keeps_old_content_on_failure(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_json(target, {"a": 1})
+
+    def crash(tmp):
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, crash)
+    assert target.read_text() == '{\n  "a": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
