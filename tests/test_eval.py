@@ -13,7 +13,19 @@ from PIL import Image
 
 import autoseg.lave
 from autoseg.outputs import Prediction, write_prediction
-from eval import main
+
+
+def _load_entry_point():
+    """``main`` of the top-level eval.py, loaded by path (the repository root need not be on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("eval_entry", Path(__file__).resolve().parents[1] / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+main = _load_entry_point()
 
 SIZES = {"img0": (7, 9), "sub/img1": (8, 5), "img2": (6, 6)}  # name -> (H, W); img2 gets no prediction
 
