@@ -25,15 +25,14 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from autoseg.data.datasets import DATASETS, SegmentationDataset, build_dataset
+from autoseg.lave import MappingError, add_mapper_args, mapper_from_args
 from autoseg.metrics import ABSENT_RULES, DatasetIoU, to_dataset_ids
 from autoseg.outputs import read_prediction
 from autoseg.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
-MAPPER_KINDS = ("exact", "embedding", "llm")
 MISSING_POLICIES = ("miss", "error")
 MAX_BARS = 150
 
@@ -247,13 +246,6 @@ def log_tensorboard(report: Mapping[str, Any], logdir: str | Path, step: int = 0
 # Command line
 
 
-def _mapper_option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.replace("-", "_"), yaml.safe_load(value)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eval.py",
@@ -263,31 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--split", default="val", help="dataset split (default: val)")
     p.add_argument("--predictions", help="folder of infer.py outputs (NAME.png + NAME.json) to score")
-    p.add_argument("--mapper", choices=MAPPER_KINDS, default="exact", help="LAVE name -> class mapper (default: exact)")
-    p.add_argument(
-        "--mapper-opt",
-        action="append",
-        type=_mapper_option,
-        default=[],
-        metavar="KEY=VALUE",
-        help="option passed to autoseg.lave.build_mapper (repeatable; VALUE parsed as YAML), e.g. cache=map.json",
-    )
     p.add_argument("--report", default="report.json", help="report JSON path; report.md and report_iou.png beside it")
     p.add_argument("--limit", type=int, help="score only the first N images")
     p.add_argument("--absent-rule", choices=ABSENT_RULES, default="mmseg", help="absent-class rule (default: mmseg)")
     p.add_argument("--missing", choices=MISSING_POLICIES, default="miss", help="missing prediction: miss or error")
     p.add_argument("--tensorboard", help="also log the scalars to this TensorBoard folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return p
-
-
-def build_mapper(kind: str, options: Mapping[str, Any]) -> NameMapper:
-    """The LAVE mapper of ``kind`` from :mod:`autoseg.lave`."""
-    from autoseg import lave
-
-    if not hasattr(lave, "build_mapper"):
-        raise ValueError("autoseg.lave.build_mapper is not available in this installation")
-    return lave.build_mapper(kind, **options)
+    return add_mapper_args(p)  # --mapper exact|embedding|llm, --mapper-cache, --embedding-*, --llm-*
 
 
 def run_pipeline_mode(args: argparse.Namespace) -> int:
@@ -315,14 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_pipeline_mode(args)
     try:
         dataset = build_dataset(args.dataset, args.root, split=args.split, limit=args.limit)
-        mapper = build_mapper(args.mapper, dict(args.mapper_opt))
+        mapper = mapper_from_args(args)
         report = evaluate_predictions(
             args.predictions, dataset, mapper, args.absent_rule, args.missing, not args.no_progress, args.mapper
         )
         paths = write_reports(report, args.report)
         if args.tensorboard:
             log_tensorboard(report, args.tensorboard)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, MappingError) as e:  # data, files, or a failed LAVE backend: one line, exit 1
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 1
     n_missing = len(report["missing_predictions"])

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import autoseg.lave
+from autoseg.data.datasets import build_dataset
+from autoseg.evaluate import evaluate_predictions
 from autoseg.outputs import Prediction, write_prediction
 
 
@@ -31,7 +32,7 @@ SIZES = {"img0": (7, 9), "sub/img1": (8, 5), "img2": (6, 6)}  # name -> (H, W); 
 
 
 class ExactStandIn:
-    """Test double of a LAVE mapper: a name maps to the class of the same name, anything else to None."""
+    """Test double of a LAVE mapper for the library-level test: a name maps to the class of that name, else None."""
 
     def __init__(self) -> None:
         self.records: dict[str, dict] = {}
@@ -40,13 +41,6 @@ class ExactStandIn:
         out = {n: (list(classes).index(n) if n in classes else None) for n in names}
         self.records.update({n: {"class": c, "source": "exact", "raw": None} for n, c in out.items()})
         return out
-
-
-@pytest.fixture(autouse=True)
-def exact_mapper(monkeypatch):
-    """Use the real ``exact`` LAVE mapper once it exists; until then a stand-in with the same two members."""
-    if not hasattr(autoseg.lave, "build_mapper"):
-        monkeypatch.setattr(autoseg.lave, "build_mapper", lambda kind, **opts: ExactStandIn(), raising=False)
 
 
 def make_dataset(root: Path, classes: Sequence[str], seed: int = 0) -> dict[str, np.ndarray]:
@@ -158,19 +152,28 @@ def test_eval_scored_background_takes_unlabelled_and_void(tmp_path: Path):
     root, preds = tmp_path / "ds", tmp_path / "preds"
     masks = make_dataset(root, classes, seed=3)
     maps = make_predictions(preds, root, seed=4)
-    report_path = tmp_path / "report.json"
-    argv = ["--predictions", str(preds), "--dataset", "folder", "--root", str(root), "--report", str(report_path)]
-    assert main([*argv, "--no-progress"]) == 0
-    report = json.loads(report_path.read_text())
+    mapper = ExactStandIn()
+    report = evaluate_predictions(preds, build_dataset("folder", root), mapper, progress=False)
     expected, _ = naive_miou(masks, maps, classes, background=0, rule="mmseg")
     assert report["mIoU"] == pytest.approx(100 * expected, abs=1e-6)
+    assert report["mapping"]["sky"] is None and report["mapping_records"]["cat"]["source"] == "exact"
 
 
 def test_eval_limit_and_missing_error(tmp_path: Path, capsys):
     root, preds = tmp_path / "ds", tmp_path / "preds"
     make_dataset(root, ["cat", "dog", "bird"])
     make_predictions(preds, root)
-    base = ["--predictions", str(preds), "--dataset", "folder", "--root", str(root), "--no-progress"]
+    base = [
+        "--predictions",
+        str(preds),
+        "--dataset",
+        "folder",
+        "--root",
+        str(root),
+        "--mapper",
+        "exact",
+        "--no-progress",
+    ]
     assert main([*base, "--report", str(tmp_path / "r1.json"), "--limit", "2"]) == 0
     report = json.loads((tmp_path / "r1.json").read_text())
     assert report["n_images"] == 2 and report["missing_predictions"] == ["img2"]  # sorted names: img0, img2, sub/img1
@@ -185,43 +188,35 @@ def test_eval_exit_codes(tmp_path: Path, capsys):
     root, preds = tmp_path / "ds", tmp_path / "preds"
     make_dataset(root, ["cat", "dog", "bird"])
     make_predictions(preds, root)
-    report = str(tmp_path / "r.json")
+    report = tmp_path / "r.json"
+
+    def run(predictions: Path | None, dataset_root: Path, *extra: str) -> int:
+        argv = ["--dataset", "folder", "--root", str(dataset_root), "--mapper", "exact", "--report", str(report)]
+        argv += ["--no-progress", *extra]
+        return main(argv + (["--predictions", str(predictions)] if predictions is not None else []))
+
     # usage errors -> 2
     assert main(["--predictions", str(preds), "--root", str(root)]) == 2  # no --dataset
     assert main(["--predictions", str(preds), "--dataset", "coco", "--root", str(root)]) == 2
-    assert main(["--predictions", str(preds), "--dataset", "folder", "--root", str(root), "--limit", "0"]) == 2
+    assert run(preds, root, "--limit", "0") == 2
+    assert run(preds, root, "--absent-rule", "coco") == 2
     capsys.readouterr()
     # the pipeline mode is not wired yet: it says --predictions is needed
-    assert main(["--dataset", "folder", "--root", str(root)]) == 2
+    assert run(None, root) == 2
     assert "--predictions" in capsys.readouterr().err
     # data errors -> 1 with a one-line message
-    assert (
-        main(["--predictions", str(preds), "--dataset", "folder", "--root", str(tmp_path / "no"), "--report", report])
-        == 1
-    )
+    assert run(preds, tmp_path / "no") == 1
     err = capsys.readouterr().err
     assert err.startswith("eval.py: error: ") and "no: folder dataset root not found" in err
     assert len(err.strip().splitlines()) == 1
-    assert main(["--predictions", str(tmp_path / "none"), "--dataset", "folder", "--root", str(root)]) == 1
+    assert run(tmp_path / "none", root) == 1
     assert "predictions folder not found" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["--predictions", str(empty), "--dataset", "folder", "--root", str(root), "--report", report]) == 1
+    assert run(empty, root) == 1
     assert "no prediction for any of the 3 images" in capsys.readouterr().err
-    # a prediction of the wrong size -> 1, naming the file
+    # a prediction of the wrong size -> 1, naming the file; no report is written
     Image.fromarray(np.zeros((3, 3), np.uint8), mode="L").save(preds / "img0.png")
-    argv = [
-        "--predictions",
-        str(preds),
-        "--dataset",
-        "folder",
-        "--root",
-        str(root),
-        "--report",
-        report,
-        "--no-progress",
-    ]
-    assert main(argv) == 1
-    err = capsys.readouterr().err
-    assert "img0.png: prediction is 3x3 (WxH) but the ground truth" in err
-    assert not Path(report).exists()
+    assert run(preds, root) == 1
+    assert "img0.png: prediction is 3x3 (WxH) but the ground truth" in capsys.readouterr().err
+    assert not report.exists()
