@@ -235,7 +235,9 @@ def test_llm_http_mapping_cache_reuse(tmp_path):
         m2 = build_mapper("llm", endpoint=srv.url, cache_path=cache, lemmatize=False, progress=False)
         assert m2.map_names(names, VOC, "voc20") == out
         assert len(srv.requests) == n_before and m2.n_backend_calls == 0
-        assert m2.records["automobile"]["source"] == "cache" and m2.records["automobile"]["raw"] == "The answer is 'car'."
+        assert (
+            m2.records["automobile"]["source"] == "cache" and m2.records["automobile"]["raw"] == "The answer is 'car'."
+        )
         # another dataset is another key: asked again
         m2.map_names(["puppy"], ["dog", "cat"], "pets")
         assert srv.requests[-1] == "puppy"
