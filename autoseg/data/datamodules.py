@@ -1,0 +1,296 @@
+"""LightningDataModule over the dataset readers, folder datasets, WebDataset shards and generated ShapesWorld data.
+
+Each split is a :class:`DataSource`: a registered reader (``build_dataset``: ``voc20``, ``ade150``, ..., ``folder``),
+``shards`` (WebDataset tar shards, see :mod:`autoseg.data.shards`) or ``images`` (a plain image folder without
+masks, for ``predict``). With ``shapesworld`` set, train and val folders are generated once into a cache folder
+(``prepare_data``, rank 0 only) and need no download. Items are transformed jointly (image + mask) by
+:class:`autoseg.data.transforms.SegmentationTransform` and collated to ``{"image": B x 3 x S x S in [0, 1],
+"mask": B x S x S int64, "name": [str], "orig_size": B x 2}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from autoseg.data.datasets import DATASETS, IGNORE_INDEX, build_dataset
+from autoseg.data.transforms import SegmentationTransform, collate
+from autoseg.utils.io import atomic_write_json, find_images, load_image
+
+SPECIAL_SOURCES = ("shards", "images")
+
+
+@dataclass
+class DataSource:
+    """One split of data.
+
+    Attributes:
+        dataset: a reader name from ``autoseg.data.datasets.DATASETS`` (``folder`` for the generic folder format),
+            ``shards`` (WebDataset tar shards) or ``images`` (an image folder without masks; ``predict`` only).
+        root: dataset root or folder; for ``shards`` a URL / brace pattern (``data/train-{000000..000009}.tar``)
+            or a folder of ``*.tar``.
+        split: split name for readers that have splits (``train``, ``val``); ignored by ``folder`` and ``images``.
+        limit: keep only the first ``limit`` items.
+    """
+
+    dataset: str = "folder"
+    root: str = ""
+    split: str = "val"
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASETS and self.dataset not in SPECIAL_SOURCES:
+            raise ValueError(
+                f"data source {self.dataset!r} unknown; choose a dataset reader ({', '.join(DATASETS)}) or one of "
+                f"{SPECIAL_SOURCES}"
+            )
+        if not self.root:
+            raise ValueError(f"data source {self.dataset!r}: 'root' is empty; give the dataset folder or shard URLs")
+
+
+@dataclass
+class ShapesWorldSpec:
+    """Generate ShapesWorld train/val folders (no download); see :mod:`autoseg.data.shapes`.
+
+    Attributes:
+        root: cache folder; each setting gets its own sub-folder ``shapesworld-<hash>/{train,val}``.
+        seed: dataset seed; train uses sample indices ``0..n_train-1``, val the next ``n_val`` (disjoint).
+        n_train: training images.
+        n_val: validation images (also used for ``test``).
+        size: image side in pixels.
+        shapes: extra ``ShapesConfig`` fields, e.g. ``{max_things: 3, textured: false}``.
+    """
+
+    root: str = "~/.cache/autoseg/shapesworld"
+    seed: int = 0
+    n_train: int = 256
+    n_val: int = 32
+    size: int = 128
+    shapes: dict[str, Any] = field(default_factory=dict)
+
+    def config(self):
+        from autoseg.data.shapes import ShapesConfig
+
+        try:
+            return ShapesConfig(size=self.size, **self.shapes)
+        except TypeError as e:
+            fields = [f.name for f in dataclasses.fields(ShapesConfig)]
+            raise ValueError(f"shapesworld.shapes: {e}; allowed keys: {fields}") from e
+
+    def folder(self) -> Path:
+        key = json.dumps(dataclasses.asdict(self) | {"root": None}, sort_keys=True)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+        return Path(self.root).expanduser() / f"shapesworld-{digest}"
+
+
+class ImageFolder(Dataset):
+    """Images without masks (for ``predict``): items ``{"image", "name", "path"}``; names are relative stems."""
+
+    def __init__(self, root: str | os.PathLike, limit: int | None = None):
+        found = find_images([root])
+        if not found:
+            raise FileNotFoundError(f"{root}: no images found (searched recursively)")
+        self.files = found[:limit] if limit else found
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        file, stem = self.files[index]
+        return {"image": load_image(file), "name": stem.as_posix(), "path": str(file)}
+
+
+class _Mapped(Dataset):
+    """Apply ``fn`` to the items of a map-style dataset."""
+
+    def __init__(self, base: Dataset, fn: Callable[[dict], dict]):
+        self.base, self.fn = base, fn
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict:
+        return self.fn(self.base[index])
+
+
+class _MappedIterable(IterableDataset):
+    """Apply ``fn`` to the items of an iterable dataset (WebDataset shards)."""
+
+    def __init__(self, base: IterableDataset, fn: Callable[[dict], dict]):
+        self.base, self.fn = base, fn
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self.fn(item) for item in self.base)
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Images + masks for the AutoSeg LightningModules.
+
+    Args:
+        train: training split (None: no ``fit``).
+        val: validation split.
+        test: test split (None: the validation split).
+        predict: split for ``predict`` (``images`` sources need no masks).
+        shapesworld: generate ShapesWorld train/val into a cache folder instead of ``train``/``val``.
+        class_names: class names; only needed for ``shards`` whose folder has no ``classes.txt`` (the ``classes``
+            property gives them for every source).
+        image_size: square side the models see (BLIP: a multiple of its patch size).
+        crop_scale: area range of the training random resized crop.
+        hflip: random horizontal flips when training.
+        batch_size: training batch size (per process).
+        eval_batch_size: batch size of val / test / predict (None: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        shuffle_buffer: shuffle buffer of training shards.
+    """
+
+    def __init__(
+        self,
+        train: DataSource | None = None,
+        val: DataSource | None = None,
+        test: DataSource | None = None,
+        predict: DataSource | None = None,
+        shapesworld: ShapesWorldSpec | None = None,
+        class_names: list[str] | None = None,
+        image_size: int = 384,
+        crop_scale: tuple[float, float] = (0.35, 1.0),
+        hflip: bool = True,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        shuffle_buffer: int = 256,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if shapesworld is not None:
+            folder = shapesworld.folder()
+            train = train or DataSource("folder", str(folder / "train"))
+            val = val or DataSource("folder", str(folder / "val"))
+        self.sources = {"train": train, "val": val, "test": test or val, "predict": predict or val}
+        self.shapesworld = shapesworld
+        self._classes = list(class_names) if class_names else None
+        self._datasets: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ what the model needs to know
+    @property
+    def classes(self) -> list[str]:
+        """Class names (a mask value indexes this list); linked to the model's ``classes`` by ``train.py``."""
+        if self._classes is None:
+            if self.shapesworld is not None:
+                self._classes = list(self.shapesworld.config().classes)
+            else:
+                self._classes = list(self._reference_dataset().classes)
+        return self._classes
+
+    @property
+    def ignore_index(self) -> int:
+        """Mask value of unscored pixels (255; 65535 for Context-459 / ADE-847)."""
+        if self.shapesworld is not None:
+            return IGNORE_INDEX
+        ds = self._reference_dataset(allow_shards=True)
+        return getattr(ds, "ignore_index", IGNORE_INDEX)
+
+    def _reference_dataset(self, allow_shards: bool = False):
+        for stage in ("train", "val", "test"):
+            src = self.sources[stage]
+            if src is None or src.dataset == "images":
+                continue
+            if src.dataset == "shards":
+                if allow_shards:
+                    return None
+                return _ShardClasses(self._shard_classes(src))
+            return self._reader(src)
+        raise ValueError("the data module has no train / val / test source with masks, so it has no classes")
+
+    # ------------------------------------------------------------------ building the splits
+    def prepare_data(self) -> None:
+        """Generate ShapesWorld once (runs on one process per node before ``setup``)."""
+        if self.shapesworld is None:
+            return
+        from autoseg.data.shapes import write_dataset
+
+        spec, folder = self.shapesworld, self.shapesworld.folder()
+        config = spec.config()
+        for split, start, n in (("train", 0, spec.n_train), ("val", spec.n_train, spec.n_val)):
+            done = folder / split / ".complete"
+            if done.is_file():
+                continue
+            write_dataset(folder / split, n, spec.seed, config, start=start, progress=True)
+            atomic_write_json(done, dataclasses.asdict(spec) | {"split": split, "start": start, "n": n})
+
+    def _reader(self, src: DataSource):
+        key = (src.dataset, src.root, src.split, src.limit)
+        if key not in self._datasets:
+            self._datasets[key] = build_dataset(src.dataset, Path(src.root).expanduser(), src.split, src.limit)
+        return self._datasets[key]
+
+    def _shard_classes(self, src: DataSource) -> list[str]:
+        if self._classes is not None:
+            return self._classes
+        from autoseg.data.shards import shard_classes
+
+        return shard_classes(src.root)
+
+    def _build(self, stage: str) -> Dataset | IterableDataset:
+        src = self.sources[stage]
+        if src is None:
+            raise ValueError(f"no '{stage}' data configured; set data.{stage} (or data.shapesworld) in the config")
+        train = stage == "train"
+        transform = SegmentationTransform(
+            self.hparams.image_size, train=train, scale=self.hparams.crop_scale, hflip=self.hparams.hflip
+        )
+        if src.dataset == "images":
+            return _Mapped(ImageFolder(Path(src.root).expanduser(), src.limit), transform)
+        if src.dataset == "shards":
+            from autoseg.data.shards import shard_dataset
+
+            base = shard_dataset(src.root, shuffle=self.hparams.shuffle_buffer if train else 0, limit=src.limit)
+            return _MappedIterable(base, transform)
+        return _Mapped(self._reader(src), transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for split in wanted.get(stage or "fit", ("train", "val")):
+            if split not in self._datasets and self.sources[split] is not None:
+                self._datasets[split] = self._build(split)
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        if split not in self._datasets:
+            self.setup({"train": "fit", "val": "validate"}.get(split, split))
+        ds = self._datasets[split]
+        iterable = isinstance(ds, IterableDataset)
+        bs = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
+        return DataLoader(
+            ds,
+            batch_size=bs,
+            shuffle=train and not iterable,
+            drop_last=train and not iterable,
+            num_workers=self.hparams.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict")
+
+
+@dataclass
+class _ShardClasses:
+    classes: Sequence[str]

@@ -1,0 +1,117 @@
+"""What both AutoSeg LightningModules share: timm optimizer/scheduler, lean checkpoints, overlays, normalisation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+from autoseg.outputs import palette
+
+SCHEDULERS = ("cosine", "constant")
+FROZEN_KEY = "autoseg_frozen_prefixes"
+
+
+class AutoSegModule(L.LightningModule):
+    """Base class; subclasses set ``self.hparams`` (optimizer fields) and implement the hooks below.
+
+    Subclass contract:
+        ``trainable()``: the ``nn.Module`` whose trainable parameters the optimizer updates.
+        ``frozen_prefixes()``: state-dict prefixes of frozen weights that are rebuilt from the model source and
+            therefore left out of checkpoints (a BLIP-large checkpoint would otherwise carry 1.8 GB of fixed weights).
+        ``export(out, state_dict=None)``: write the trained weights for ``infer.py`` / ``eval.py``.
+    """
+
+    # ------------------------------------------------------------------ subclass hooks
+    def trainable(self) -> nn.Module:
+        raise NotImplementedError
+
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        return ()
+
+    def export(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        if hp.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler {hp.scheduler!r} unknown; choose one of {SCHEDULERS}")
+        optimizer = create_optimizer_v2(self.trainable(), opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else math.inf
+        if hp.scheduler == "constant" or not math.isfinite(total):
+            if hp.scheduler == "cosine":
+                rank_zero_warn("cosine schedule needs a known number of steps; set trainer.max_steps. Using constant.")
+            return {"optimizer": optimizer}
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=max(int(total), 1),
+            lr_min=hp.lr * hp.min_lr_ratio,
+            warmup_t=hp.warmup_steps,
+            warmup_lr_init=hp.lr * 0.01,
+            t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimizer updates
+
+    # ------------------------------------------------------------------ lean checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = self.frozen_prefixes()
+        if prefixes:
+            sd = checkpoint["state_dict"]
+            for key in [k for k in sd if k.startswith(prefixes)]:
+                del sd[key]
+            checkpoint[FROZEN_KEY] = list(prefixes)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the frozen weights (rebuilt from the model source in ``__init__``) back before strict loading."""
+        prefixes = tuple(checkpoint.get(FROZEN_KEY, ()))
+        if prefixes:
+            sd = checkpoint["state_dict"]
+            for key, value in self.state_dict().items():
+                if key.startswith(prefixes) and key not in sd:
+                    sd[key] = value
+
+    # ------------------------------------------------------------------ images for TensorBoard
+    def log_overlays(self, tag: str, rows: Sequence[Sequence[np.ndarray]]) -> None:
+        """Log one image per row: its panels (``H x W x 3`` uint8) side by side. Only with a TensorBoard logger."""
+        logger = self.logger
+        if not isinstance(logger, TensorBoardLogger) or not self.trainer.is_global_zero or not rows:
+            return
+        for i, panels in enumerate(rows):
+            strip = np.concatenate([np.asarray(p) for p in panels], axis=1)  # H x (n W) x 3
+            logger.experiment.add_image(f"{tag}/{i}", strip, self.global_step, dataformats="HWC")
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """``3 x H x W`` float image in [0, 1] -> ``H x W x 3`` uint8."""
+    return (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def colourise(labels: torch.Tensor | np.ndarray, num_colours: int, ignore_index: int | None = None) -> np.ndarray:
+    """``H x W`` ids -> ``H x W x 3`` uint8 colours (id ``i`` gets palette colour ``i + 1``; ignore is black)."""
+    labels = np.asarray(torch.as_tensor(labels).cpu()).astype(np.int64)
+    cols = palette(num_colours + 2)
+    idx = np.clip(labels + 1, 0, num_colours + 1)
+    if ignore_index is not None:
+        idx[labels == ignore_index] = 0
+    return cols[idx]
+
+
+def normaliser(processor_mean: Sequence[float], processor_std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``3 x 1 x 1`` mean and std tensors from an image processor's ``image_mean`` / ``image_std``."""
+    mean = torch.tensor(list(processor_mean), dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(list(processor_std), dtype=torch.float32).view(3, 1, 1)
+    return mean, std

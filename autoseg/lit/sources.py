@@ -1,0 +1,95 @@
+"""Model sources for training: a Hugging Face id, a local ``save_pretrained`` directory, or ``scratch:NAME``.
+
+``scratch:NAME`` builds a randomly initialised model of a registered size with an offline tokenizer (see
+:mod:`autoseg.models.scratch`); no network and no files are needed, which is what the debug configs and the tests
+use. The random initialisation is seeded (``SCRATCH_SEED``), so the same source always gives the same weights:
+checkpoints leave frozen weights out and take them from the source again when loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from autoseg.models.blip import BlipCaptioner
+from autoseg.models.segmenter import CLIPSegSegmenter
+
+SCRATCH_PREFIX = "scratch:"
+SCRATCH_SEED = 0
+
+SCRATCH_BLIP: dict[str, dict] = {
+    "tiny": dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, patch_size=8, image_size=64),
+    "small": dict(hidden_size=96, num_layers=4, num_heads=4, intermediate_size=192, patch_size=8, image_size=128),
+}
+SCRATCH_CLIPSEG: dict[str, dict] = {
+    "tiny": dict(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=37, patch_size=8, image_size=64),
+    "small": dict(
+        hidden_size=96,
+        num_layers=4,
+        num_heads=4,
+        intermediate_size=192,
+        patch_size=8,
+        image_size=128,
+        projection_dim=64,
+        reduce_dim=32,
+        extract_layers=(1, 2, 3),
+    ),
+}
+
+
+def _scratch_spec(source: str, registry: dict[str, dict], what: str) -> dict:
+    name = source[len(SCRATCH_PREFIX) :]
+    if name not in registry:
+        raise ValueError(f"{what} source {source!r}: unknown scratch size {name!r}; available: {sorted(registry)}")
+    return registry[name]
+
+
+def build_blip(source: str) -> BlipCaptioner:
+    """BLIP captioner from a hub id, a local directory or ``scratch:tiny`` / ``scratch:small`` (random, seeded)."""
+    if source.startswith(SCRATCH_PREFIX):
+        from autoseg.models.scratch import make_blip
+
+        spec = _scratch_spec(source, SCRATCH_BLIP, "BLIP")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SCRATCH_SEED)
+            model, processor = make_blip(**spec)
+            _reinit_vision(model.vision_model)
+        return BlipCaptioner(model, processor)
+    return BlipCaptioner.from_pretrained(source)
+
+
+def _reinit_vision(vision: nn.Module, std: float = 0.02) -> None:
+    """Re-draw a random BLIP vision tower with ViT's usual std 0.02.
+
+    ``BlipVisionConfig.initializer_range`` defaults to 1e-10 (pretrained weights always replace it), so a
+    from-scratch tower would output constant tokens; the grouping objective needs tokens that vary with the image.
+    """
+    for module in vision.modules():
+        if isinstance(module, nn.Linear | nn.Conv2d):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    embeddings = vision.embeddings
+    nn.init.trunc_normal_(embeddings.class_embedding, std=std)
+    nn.init.trunc_normal_(embeddings.position_embedding, std=std)
+
+
+def build_clipseg(source: str, words: Sequence[str] = (), **kwargs) -> CLIPSegSegmenter:
+    """CLIPSeg segmenter from a hub id, a local directory or ``scratch:NAME`` (random, seeded).
+
+    Args:
+        source: where the weights come from.
+        words: for ``scratch:`` sources, words the from-scratch tokenizer keeps whole (the class names).
+        kwargs: ``CLIPSegSegmenter`` options (templates, image_size, ...).
+    """
+    if source.startswith(SCRATCH_PREFIX):
+        from autoseg.models.scratch import make_clipseg
+
+        spec = _scratch_spec(source, SCRATCH_CLIPSEG, "CLIPSeg")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SCRATCH_SEED)
+            model, processor = make_clipseg(**spec, words=list(words))
+        return CLIPSegSegmenter(model, processor, **kwargs)
+    return CLIPSegSegmenter.from_pretrained(source, **kwargs)

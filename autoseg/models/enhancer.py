@@ -1,0 +1,198 @@
+"""EmbeddingEnhancer: a small residual head on BLIP patch tokens, trained so that tokens group along segments.
+
+The head is identity at initialisation (its output projection is zero), so an untrained head reproduces plain
+BBoost. It is built from timm's ViT ``Block`` (self-attention + MLP) or pre-norm residual ``Mlp`` blocks, and sees
+an optional 2-D sine position code of the patch grid, so one head serves every input scale.
+
+Weights are stored as safetensors with the hyperparameters in the file's metadata: ``load_enhancer(path)`` needs
+nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from timm.layers import Mlp
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from autoseg.utils.io import atomic_write
+from autoseg.vocab.bboost import sine_position_code
+
+FORMAT = "autoseg.embedding_enhancer"
+FORMAT_VERSION = "1"
+BLOCKS = ("attn", "mlp")
+
+
+@dataclass
+class EnhancerConfig:
+    """Hyperparameters of the head (stored in the safetensors metadata).
+
+    Attributes:
+        dim: token width D (BLIP's vision hidden size: 768 for ViT-B, 1024 for ViT-L).
+        width: internal width of the blocks.
+        depth: number of blocks.
+        block: "attn" (timm ViT ``Block``: self-attention + MLP) or "mlp" (pre-norm residual ``Mlp``, per token).
+        num_heads: attention heads ("attn" blocks); must divide ``width``.
+        mlp_ratio: MLP hidden width as a multiple of ``width``.
+        pos_dim: channels of the 2-D sine position code appended to the input (0: none; multiple of 4).
+    """
+
+    dim: int
+    width: int = 256
+    depth: int = 2
+    block: str = "attn"
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    pos_dim: int = 64
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCKS:
+            raise ValueError(f"enhancer block {self.block!r} unknown; choose one of {BLOCKS}")
+        if self.dim < 1 or self.width < 1 or self.depth < 0:
+            raise ValueError(
+                f"enhancer needs dim >= 1, width >= 1, depth >= 0; got {self.dim}, {self.width}, {self.depth}"
+            )
+        if self.block == "attn" and self.width % self.num_heads:
+            raise ValueError(f"enhancer width {self.width} must be a multiple of num_heads {self.num_heads}")
+        if self.pos_dim % 4:
+            raise ValueError(f"enhancer pos_dim must be a multiple of 4, got {self.pos_dim}")
+
+
+class MlpBlock(nn.Module):
+    """Pre-norm residual MLP on each token: ``x + Mlp(LayerNorm(x))``."""
+
+    def __init__(self, width: int, mlp_ratio: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+class EmbeddingEnhancer(nn.Module):
+    """Residual head ``tokens + out(blocks(in(norm(tokens) ++ pos)))`` with ``out`` zero at init (identity).
+
+    Args:
+        config: hyperparameters.
+    """
+
+    def __init__(self, config: EnhancerConfig):
+        super().__init__()
+        self.config = config
+        self.norm_in = nn.LayerNorm(config.dim)
+        self.proj_in = nn.Linear(config.dim + config.pos_dim, config.width)
+        if config.block == "attn":
+            blocks = [
+                Block(config.width, config.num_heads, config.mlp_ratio, qkv_bias=True) for _ in range(config.depth)
+            ]
+        else:
+            blocks = [MlpBlock(config.width, config.mlp_ratio) for _ in range(config.depth)]
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = nn.LayerNorm(config.width)
+        self.proj_out = nn.Linear(config.width, config.dim)
+        nn.init.zeros_(self.proj_out.weight)  # zero residual: identity at init, as in ControlNet's zero convolutions
+        nn.init.zeros_(self.proj_out.bias)
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Enhance patch tokens.
+
+        Args:
+            tokens: ``B x N x D`` patch tokens, row-major on ``grid`` (``N = h * w``).
+            grid: ``(h, w)`` patch grid.
+
+        Returns:
+            ``B x N x D`` enhanced tokens.
+        """
+        if tokens.shape[-1] != self.dim:
+            raise ValueError(
+                f"the enhancer was trained on {self.dim}-d tokens but got {tokens.shape[-1]}-d ones: it belongs to "
+                "another BLIP model; pass the BLIP it was trained with, or train a head for this one"
+            )
+        if tokens.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"got {tokens.shape[1]} tokens for a {grid[0]}x{grid[1]} grid")
+        x = self.norm_in(tokens)
+        if self.config.pos_dim:
+            pos = sine_position_code(*grid, self.config.pos_dim).to(x)  # N x P
+            x = torch.cat([x, pos.expand(x.shape[0], -1, -1)], dim=-1)  # B x N x (D + P)
+        x = self.blocks(self.proj_in(x))  # B x N x width
+        return tokens + self.proj_out(self.norm_out(x)).to(tokens.dtype)
+
+
+def save_enhancer(
+    enhancer: EmbeddingEnhancer, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write the head as safetensors (atomically) with its config in the metadata.
+
+    Args:
+        enhancer: the head (its config is stored).
+        path: output file, conventionally ``*.safetensors``.
+        state_dict: weights to store instead of the head's current ones (e.g. from a checkpoint).
+    """
+    sd = enhancer.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sd.items()}
+    metadata = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": json.dumps(dataclasses.asdict(enhancer.config)),
+    }
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def load_enhancer(path: str | os.PathLike, device: str | torch.device = "cpu") -> EmbeddingEnhancer:
+    """Load a head written by :func:`save_enhancer` (or exported at the end of ``train.py fit``), in eval mode.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not an enhancer safetensors file, or its weights do not match its stored config (the message
+            lists missing / unexpected keys and shape mismatches).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"{p}: enhancer weights not found; expected a .safetensors file exported by `train.py fit` "
+            "(under <log_dir>/export/) or written by autoseg.models.enhancer.save_enhancer"
+        )
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{p}: not a readable safetensors file ({e})") from e
+    if metadata.get("format") != FORMAT:
+        raise ValueError(
+            f"{p}: not an AutoSeg enhancer (metadata format {metadata.get('format')!r}, expected {FORMAT!r}); "
+            "export one with `train.py fit` on an EnhancerModule config"
+        )
+    try:
+        config = EnhancerConfig(**json.loads(metadata["config"]))
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: enhancer metadata has no valid 'config' ({e})") from e
+    enhancer = EmbeddingEnhancer(config)
+    expected = enhancer.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{p}: weights do not match the stored config {config}: missing keys {missing}, unexpected keys "
+            f"{unexpected}, shape mismatches {shapes}; the file is damaged or was edited; re-export it"
+        )
+    enhancer.load_state_dict(tensors, strict=True)
+    return enhancer.to(device).eval()
