@@ -27,9 +27,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from autoseg.cli.infer import add_pipeline_args
+from autoseg.config import to_dict
 from autoseg.data.datasets import DATASETS, SegmentationDataset, build_dataset
 from autoseg.lave import MappingError, add_mapper_args, mapper_from_args
 from autoseg.metrics import ABSENT_RULES, DatasetIoU, to_dataset_ids
+from autoseg.models.loading import ModelLoadError
 from autoseg.outputs import read_prediction
 from autoseg.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
@@ -254,24 +257,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark (layouts: data/README.md)")
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--split", default="val", help="dataset split (default: val)")
-    p.add_argument("--predictions", help="folder of infer.py outputs (NAME.png + NAME.json) to score")
+    p.add_argument(
+        "--predictions",
+        help="folder of infer.py outputs (NAME.png + NAME.json) to score; without it the pipeline runs on the dataset",
+    )
+    p.add_argument(
+        "--save-predictions", help="pipeline mode: where to write predictions (default: <report>_predictions)"
+    )
+    p.add_argument("--skip-existing", action="store_true", help="pipeline mode: keep predictions already written")
     p.add_argument("--report", default="report.json", help="report JSON path; report.md and report_iou.png beside it")
     p.add_argument("--limit", type=int, help="score only the first N images")
     p.add_argument("--absent-rule", choices=ABSENT_RULES, default="mmseg", help="absent-class rule (default: mmseg)")
     p.add_argument("--missing", choices=MISSING_POLICIES, default="miss", help="missing prediction: miss or error")
     p.add_argument("--tensorboard", help="also log the scalars to this TensorBoard folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_pipeline_args(p)  # --config, --blip, --segmenter, --seed, --device, --dtype, --batch-size
     return add_mapper_args(p)  # --mapper exact|embedding|llm, --mapper-cache, --embedding-*, --llm-*
 
 
-def run_pipeline_mode(args: argparse.Namespace) -> int:
-    """Mode (a): run the inference pipeline on the dataset, then score it. Not wired to the pipeline yet."""
-    print(
-        "eval.py: error: running the pipeline on a dataset is not available yet; "
-        "run infer.py on the dataset's images and score its outputs with --predictions DIR",
-        file=sys.stderr,
+def run_pipeline_mode(args: argparse.Namespace, dataset: SegmentationDataset) -> Path:
+    """Mode (a): run the inference pipeline on the dataset's images, writing infer.py outputs to a folder.
+
+    The folder (``--save-predictions``, default ``<report>_predictions/``) is then scored like ``--predictions``;
+    with ``--skip-existing`` an interrupted run resumes where it stopped. Returns the folder.
+    """
+    from autoseg.cli.infer import build_pipeline, config_from_args, predict_files
+
+    report = Path(args.report)
+    pred_dir = Path(args.save_predictions or report.with_name(report.stem + "_predictions"))
+    config = config_from_args(args)
+    pipeline = build_pipeline(config)
+    files = [(Path(s.image), Path(s.name)) for s in dataset.samples]
+    entries = predict_files(
+        pipeline,
+        files,
+        pred_dir,
+        config.batch_size,
+        args.skip_existing,
+        {"config": to_dict(config)},
+        progress=not args.no_progress,
     )
-    return 2
+    failed = [e for e in entries if e["status"] != "ok"]
+    if failed:  # scored as missing predictions, and listed in the report
+        print(f"eval.py: {len(failed)} images could not be segmented, e.g. {failed[0].get('reason')}", file=sys.stderr)
+    return pred_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -285,17 +314,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"eval.py: error: --limit must be a positive number of images, got {args.limit}", file=sys.stderr)
         return 2
-    if args.predictions is None:
-        return run_pipeline_mode(args)
     try:
         dataset = build_dataset(args.dataset, args.root, split=args.split, limit=args.limit)
         mapper = mapper_from_args(args)
+        pred_dir = args.predictions
+        if pred_dir is None:
+            pred_dir = run_pipeline_mode(args, dataset)
         report = evaluate_predictions(
-            args.predictions, dataset, mapper, args.absent_rule, args.missing, not args.no_progress, args.mapper
+            pred_dir, dataset, mapper, args.absent_rule, args.missing, not args.no_progress, args.mapper
         )
         paths = write_reports(report, args.report)
         if args.tensorboard:
             log_tensorboard(report, args.tensorboard)
+    except ModelLoadError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
     except (OSError, ValueError, MappingError) as e:  # data, files, or a failed LAVE backend: one line, exit 1
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 1

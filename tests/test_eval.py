@@ -201,9 +201,9 @@ def test_eval_exit_codes(tmp_path: Path, capsys):
     assert run(preds, root, "--limit", "0") == 2
     assert run(preds, root, "--absent-rule", "coco") == 2
     capsys.readouterr()
-    # the pipeline mode is not wired yet: it says --predictions is needed
-    assert run(None, root) == 2
-    assert "--predictions" in capsys.readouterr().err
+    # pipeline mode with a model that cannot be loaded: a usage/setup error naming it
+    assert run(None, root, "--blip", str(tmp_path / "no_blip")) == 2
+    assert "no_blip" in capsys.readouterr().err
     # data errors -> 1 with a one-line message
     assert run(preds, tmp_path / "no") == 1
     err = capsys.readouterr().err
@@ -220,3 +220,27 @@ def test_eval_exit_codes(tmp_path: Path, capsys):
     assert run(preds, root) == 1
     assert "img0.png: prediction is 3x3 (WxH) but the ground truth" in capsys.readouterr().err
     assert not report.exists()
+
+
+def test_pipeline_mode_writes_predictions_and_scores_them(tmp_path, tiny_blip_dir, tiny_clipseg_dir):
+    """Without --predictions, eval.py runs the shared pipeline on the dataset and scores what it wrote."""
+    root = tmp_path / "ds"
+    make_dataset(root, ["dog", "cat", "sky"])
+    report = tmp_path / "run" / "report.json"
+    argv = ["--dataset", "folder", "--root", str(root), "--mapper", "exact", "--report", str(report), "--no-progress"]
+    argv += ["--config", "configs/debug/pipeline.yaml", "--blip", str(tiny_blip_dir)]
+    argv += ["--segmenter", str(tiny_clipseg_dir), "--seed", "1"]
+    assert main(argv) == 0
+    pred_dir = tmp_path / "run" / "report_predictions"
+    assert sorted(p.relative_to(pred_dir).as_posix() for p in pred_dir.rglob("*.png")) == [
+        "img0.png",
+        "img2.png",
+        "sub/img1.png",
+    ]
+    first = json.loads(report.read_text())
+    assert first["n_images"] == 3 and first["missing_predictions"] == []
+    # scoring the saved folder again gives the same figures (the pipeline mode is infer.py + --predictions)
+    again = tmp_path / "again.json"
+    assert main([*argv[:6], "--report", str(again), "--no-progress", "--predictions", str(pred_dir)]) == 0
+    second = json.loads(again.read_text())
+    assert first["mIoU"] == second["mIoU"] and first["per_class"] == second["per_class"]

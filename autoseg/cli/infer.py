@@ -21,6 +21,19 @@ log = logging.getLogger("autoseg.infer")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def add_pipeline_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags that choose and configure the pipeline (shared by infer.py and eval.py)."""
+    g = p.add_argument_group("pipeline")
+    g.add_argument("--config", type=Path, metavar="YAML", help="pipeline config (see configs/pipeline/)")
+    g.add_argument("--blip", metavar="ID_OR_DIR", help="BLIP captioner: Hugging Face id or local directory")
+    g.add_argument("--segmenter", metavar="ID_OR_DIR", help="segmenter weights: Hugging Face id or local directory")
+    g.add_argument("--seed", type=int, help="seed for clustering and caption sampling (default 0)")
+    g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (float32 on CPU)")
+    g.add_argument("--batch-size", type=int, help="images per batch (default 4)")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="infer.py",
@@ -30,15 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="output folder")
-    p.add_argument("--config", type=Path, metavar="YAML", help="pipeline config (see configs/pipeline/)")
-    p.add_argument("--blip", metavar="ID_OR_DIR", help="BLIP captioner: Hugging Face id or local directory")
-    p.add_argument("--segmenter", metavar="ID_OR_DIR", help="segmenter weights: Hugging Face id or local directory")
-    p.add_argument("--seed", type=int, help="seed for clustering and caption sampling (default 0)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (float32 on CPU)")
-    p.add_argument("--batch-size", type=int, help="images per batch (default 4)")
     p.add_argument("--skip-existing", action="store_true", help="keep outputs already in DIR, process the rest")
-    return p
+    return add_pipeline_args(p)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
@@ -67,50 +73,51 @@ def unique_stems(found: Sequence[tuple[Path, Path]]) -> list[Path]:
     return stems
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run inference; returns 0 when every input succeeded, 1 when some failed, 2 on usage/setup errors."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        found = find_images(args.paths)
-        config = load_config(args.config, overrides_from_args(args))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"infer.py: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+def config_from_args(args: argparse.Namespace):
+    """The pipeline config: ``--config`` YAML (or the defaults) with the command-line flags on top."""
+    config = load_config(args.config, overrides_from_args(args))
     if config.batch_size < 1:
-        print(f"infer.py: error: --batch-size must be >= 1, got {config.batch_size}", file=sys.stderr)
-        return EXIT_USAGE
-    if not found:
-        print(f"infer.py: error: no files found in {' '.join(args.paths)}", file=sys.stderr)
-        return EXIT_USAGE
-    out_dir: Path = args.output
+        raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}")
+    return config
+
+
+def build_pipeline(config):
+    """Load the models of ``config`` (heavy imports happen here, after the arguments are known to be good)."""
+    from autoseg.pipeline import AutoSegPipeline
+
+    return AutoSegPipeline.from_config(config)
+
+
+def predict_files(
+    pipeline,
+    files: Sequence[tuple[Path, Path]],
+    out_dir: Path,
+    batch_size: int,
+    skip_existing: bool = False,
+    manifest_extra: dict | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Segment ``(file, output stem)`` pairs into ``out_dir``; returns one manifest entry per file.
+
+    A file that cannot be read or segmented is recorded with ``status: error`` and a reason; the others are still
+    written. ``out_dir/manifest.json`` is rewritten (atomically) after every batch, so progress survives a crash.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    from autoseg.pipeline import AutoSegPipeline  # heavy imports only after the arguments are known to be good
-
-    try:
-        pipeline = AutoSegPipeline.from_config(config)
-    except (ModelLoadError, OSError, ValueError) as e:
-        print(f"infer.py: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-
-    stems = unique_stems(found)
     entries: list[dict] = []
-    manifest = {"config": to_dict(config), "inputs": entries}
+    manifest = {**(manifest_extra or {}), "inputs": entries}
     todo: list[tuple[Path, Path, dict]] = []
-    for (file, _), stem in zip(found, stems, strict=True):
+    for file, stem in files:
         entry = {"input": str(file), "output": str(stem), "status": "pending"}
         entries.append(entry)
-        if args.skip_existing and all((out_dir / f"{stem}{ext}").is_file() for ext in (".png", ".json")):
+        if skip_existing and all((out_dir / f"{stem}{ext}").is_file() for ext in (".png", ".json")):
             entry.update(status="ok", skipped=True)
             continue
         todo.append((file, stem, entry))
 
-    bar = tqdm(total=len(todo), desc="segmenting", unit="img", disable=None)
-    for start in range(0, len(todo), config.batch_size):
+    bar = tqdm(total=len(todo), desc="segmenting", unit="img", disable=None if progress else True)
+    for start in range(0, len(todo), batch_size):
         batch = []
-        for file, stem, entry in todo[start : start + config.batch_size]:
+        for file, stem, entry in todo[start : start + batch_size]:
             try:
                 batch.append((load_image(file), file, stem, entry))
             except ImageReadError as e:
@@ -119,12 +126,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 bar.update(1)
         _run_batch(pipeline, batch, out_dir)
         bar.update(len(batch))
-        atomic_write_json(out_dir / "manifest.json", manifest)  # progress survives a crash
+        atomic_write_json(out_dir / "manifest.json", manifest)
     bar.close()
     atomic_write_json(out_dir / "manifest.json", manifest)
+    return entries
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run inference; returns 0 when every input succeeded, 1 when some failed, 2 on usage/setup errors."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        found = find_images(args.paths)
+        config = config_from_args(args)
+        if not found:
+            raise ValueError(f"no files found in {' '.join(args.paths)}")
+        pipeline = build_pipeline(config)
+    except (FileNotFoundError, ValueError, ModelLoadError, OSError) as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    files = [(file, stem) for (file, _), stem in zip(found, unique_stems(found), strict=True)]
+    entries = predict_files(
+        pipeline, files, args.output, config.batch_size, args.skip_existing, {"config": to_dict(config)}
+    )
     failed = [e for e in entries if e["status"] != "ok"]
-    print(f"{len(entries) - len(failed)} of {len(entries)} inputs segmented; outputs in {out_dir}")
+    print(f"{len(entries) - len(failed)} of {len(entries)} inputs segmented; outputs in {args.output}")
     for e in failed:
         print(f"  failed: {e.get('reason', e['input'])}", file=sys.stderr)
     return EXIT_SOME_FAILED if failed else EXIT_OK
