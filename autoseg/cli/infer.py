@@ -27,6 +27,11 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--config", type=Path, metavar="YAML", help="pipeline config (see configs/pipeline/)")
     g.add_argument("--blip", metavar="ID_OR_DIR", help="BLIP captioner: Hugging Face id or local directory")
     g.add_argument("--segmenter", metavar="ID_OR_DIR", help="segmenter weights: Hugging Face id or local directory")
+    g.add_argument(
+        "--enhancer",
+        metavar="SAFETENSORS",
+        help="trained embedding-enhancer head (train.py fit exports it as export/{best,last}/enhancer.safetensors)",
+    )
     g.add_argument("--seed", type=int, help="seed for clustering and caption sampling (default 0)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (float32 on CPU)")
@@ -49,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     out: dict = {}
-    for key in ("blip", "seed", "device", "dtype", "batch_size"):
+    for key in ("blip", "enhancer", "seed", "device", "dtype", "batch_size"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
     if args.segmenter is not None:
@@ -83,9 +88,17 @@ def config_from_args(args: argparse.Namespace):
 
 def build_pipeline(config):
     """Load the models of ``config`` (heavy imports happen here, after the arguments are known to be good)."""
+    from autoseg.models.enhancer import load_enhancer
     from autoseg.pipeline import AutoSegPipeline
 
-    return AutoSegPipeline.from_config(config)
+    enhancer = load_enhancer(config.enhancer) if config.enhancer else None
+    pipeline = AutoSegPipeline.from_config(config, enhancer=enhancer)
+    if enhancer is not None and enhancer.dim != pipeline.captioner.hidden_size:
+        raise ValueError(
+            f"enhancer {config.enhancer} was trained on {enhancer.dim}-d BLIP tokens but BLIP {config.blip} has "
+            f"{pipeline.captioner.hidden_size}-d tokens; use the BLIP it was trained with"
+        )
+    return pipeline
 
 
 def predict_files(
