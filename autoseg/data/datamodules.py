@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ class DataSource:
         root: dataset root or folder; for ``shards`` a URL / brace pattern (``data/train-{000000..000009}.tar``)
             or a folder of ``*.tar``.
         split: split name for readers that have splits (``train``, ``val``); ignored by ``folder`` and ``images``.
-        limit: keep only the first ``limit`` items.
+        limit: keep only the first ``limit`` items (for shards: per data-loading worker and process).
     """
 
     dataset: str = "folder"
@@ -123,13 +124,13 @@ class _Mapped(Dataset):
 
 
 class _MappedIterable(IterableDataset):
-    """Apply ``fn`` to the items of an iterable dataset (WebDataset shards)."""
+    """Apply ``fn`` to the items of an iterable dataset (WebDataset shards), optionally only the first ``limit``."""
 
-    def __init__(self, base: IterableDataset, fn: Callable[[dict], dict]):
-        self.base, self.fn = base, fn
+    def __init__(self, base: IterableDataset, fn: Callable[[dict], dict], limit: int | None = None):
+        self.base, self.fn, self.limit = base, fn, limit
 
     def __iter__(self) -> Iterator[dict]:
-        return (self.fn(item) for item in self.base)
+        return (self.fn(item) for item in itertools.islice(self.base, self.limit))
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -150,6 +151,7 @@ class SegmentationDataModule(L.LightningDataModule):
         eval_batch_size: batch size of val / test / predict (None: ``batch_size``).
         num_workers: DataLoader worker processes.
         shuffle_buffer: shuffle buffer of training shards.
+        seed: seed of the shard shuffles (other sampling follows ``seed_everything``).
     """
 
     def __init__(
@@ -167,6 +169,7 @@ class SegmentationDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         shuffle_buffer: int = 256,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -175,9 +178,13 @@ class SegmentationDataModule(L.LightningDataModule):
             train = train or DataSource("folder", str(folder / "train"))
             val = val or DataSource("folder", str(folder / "val"))
         self.sources = {"train": train, "val": val, "test": test or val, "predict": predict or val}
+        for split in ("train", "val", "test"):
+            if self.sources[split] is not None and self.sources[split].dataset == "images":
+                raise ValueError(f"data.{split}: an 'images' source has no masks; use it for data.predict only")
         self.shapesworld = shapesworld
         self._classes = list(class_names) if class_names else None
-        self._datasets: dict[str, Any] = {}
+        self._readers: dict[tuple, Any] = {}  # built readers, by source
+        self._datasets: dict[str, Any] = {}  # transformed datasets, by split
 
     # ------------------------------------------------------------------ what the model needs to know
     @property
@@ -187,28 +194,27 @@ class SegmentationDataModule(L.LightningDataModule):
             if self.shapesworld is not None:
                 self._classes = list(self.shapesworld.config().classes)
             else:
-                self._classes = list(self._reference_dataset().classes)
+                src = self._labelled_source()
+                self._classes = shard_classes(src.root) if src.dataset == "shards" else self._reader(src).classes
         return self._classes
 
     @property
     def ignore_index(self) -> int:
-        """Mask value of unscored pixels (255; 65535 for Context-459 / ADE-847)."""
+        """Mask value of unscored pixels (255; 65535 for Context-459 / ADE-847); linked to the model."""
         if self.shapesworld is not None:
             return IGNORE_INDEX
-        ds = self._reference_dataset(allow_shards=True)
-        return getattr(ds, "ignore_index", IGNORE_INDEX)
+        src = self._labelled_source()
+        return IGNORE_INDEX if src.dataset == "shards" else self._reader(src).ignore_index
 
-    def _reference_dataset(self, allow_shards: bool = False):
+    def _labelled_source(self) -> DataSource:
         for stage in ("train", "val", "test"):
             src = self.sources[stage]
-            if src is None or src.dataset == "images":
-                continue
-            if src.dataset == "shards":
-                if allow_shards:
-                    return None
-                return _ShardClasses(self._shard_classes(src))
-            return self._reader(src)
-        raise ValueError("the data module has no train / val / test source with masks, so it has no classes")
+            if src is not None and src.dataset != "images":
+                return src
+        raise ValueError(
+            "the data module has no train / val / test source with masks, so it knows no class names; "
+            "set data.train or data.val (or data.class_names)"
+        )
 
     # ------------------------------------------------------------------ building the splits
     def prepare_data(self) -> None:
@@ -228,16 +234,9 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _reader(self, src: DataSource):
         key = (src.dataset, src.root, src.split, src.limit)
-        if key not in self._datasets:
-            self._datasets[key] = build_dataset(src.dataset, Path(src.root).expanduser(), src.split, src.limit)
-        return self._datasets[key]
-
-    def _shard_classes(self, src: DataSource) -> list[str]:
-        if self._classes is not None:
-            return self._classes
-        from autoseg.data.shards import shard_classes
-
-        return shard_classes(src.root)
+        if key not in self._readers:
+            self._readers[key] = build_dataset(src.dataset, Path(src.root).expanduser(), src.split, src.limit)
+        return self._readers[key]
 
     def _build(self, stage: str) -> Dataset | IterableDataset:
         src = self.sources[stage]
@@ -252,8 +251,9 @@ class SegmentationDataModule(L.LightningDataModule):
         if src.dataset == "shards":
             from autoseg.data.shards import shard_dataset
 
-            base = shard_dataset(src.root, shuffle=self.hparams.shuffle_buffer if train else 0, limit=src.limit)
-            return _MappedIterable(base, transform)
+            urls = src.root if "{" in src.root else str(Path(src.root).expanduser())
+            base = shard_dataset(urls, shuffle=self.hparams.shuffle_buffer if train else 0, seed=self.hparams.seed)
+            return _MappedIterable(base, transform, src.limit)
         return _Mapped(self._reader(src), transform)
 
     def setup(self, stage: str | None = None) -> None:
@@ -264,7 +264,7 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         if split not in self._datasets:
-            self.setup({"train": "fit", "val": "validate"}.get(split, split))
+            self._datasets[split] = self._build(split)
         ds = self._datasets[split]
         iterable = isinstance(ds, IterableDataset)
         bs = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
@@ -272,7 +272,7 @@ class SegmentationDataModule(L.LightningDataModule):
             ds,
             batch_size=bs,
             shuffle=train and not iterable,
-            drop_last=train and not iterable,
+            drop_last=train and not iterable and len(ds) > bs,  # no ragged last batch, unless it is the only one
             num_workers=self.hparams.num_workers,
             collate_fn=collate,
             persistent_workers=self.hparams.num_workers > 0,
@@ -291,6 +291,22 @@ class SegmentationDataModule(L.LightningDataModule):
         return self._loader("predict")
 
 
-@dataclass
-class _ShardClasses:
-    classes: Sequence[str]
+def shard_classes(urls: str) -> list[str]:
+    """Class names of a shard set: ``classes.txt`` in the shard folder (``write_shards`` copies it there).
+
+    Raises:
+        FileNotFoundError: there is no ``classes.txt`` beside the shards; the message says how to give the names.
+    """
+    first = urls.split("{")[0] if "{" in urls else urls
+    folder = Path(first).expanduser()
+    folder = folder if folder.is_dir() else folder.parent
+    path = folder / "classes.txt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no class list beside the shards {urls}; write the shards with `python -m autoseg.data.shards` "
+            "(it copies classes.txt) or set data.class_names"
+        )
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{path}: empty class list")
+    return names
