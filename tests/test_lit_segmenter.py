@@ -1,0 +1,130 @@
+"""SegmenterModule: overfits one batch, trains only the decoder unless asked, exports a directory infer.py loads."""
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from autoseg.data.datamodules import SegmentationDataModule, ShapesWorldSpec
+from autoseg.data.shapes import ShapesConfig, generate_sample
+from autoseg.data.transforms import SegmentationTransform, collate
+from autoseg.lit import SegmenterModule
+from autoseg.models.segmenter import CLIPSegSegmenter
+
+CLASSES = list(ShapesConfig().classes)
+ONE_TEMPLATE = ["a photo of a {}."]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread than on two contended ones (the test machines are shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    config, transform = ShapesConfig(size=64), SegmentationTransform(64)
+    items = []
+    for i in range(2):
+        image, mask, _ = generate_sample(0, i, config)
+        items.append(transform({"image": image, "mask": mask, "name": str(i)}))
+    return collate(items)
+
+
+def fit_steps(module, batch, steps, lr=3e-3):
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    module.train()
+    losses = []
+    for _ in range(steps):
+        loss = module.loss(module(batch["image"]), batch["mask"])["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def test_decoder_overfits_one_batch_with_cross_entropy(batch):
+    torch.manual_seed(0)
+    module = SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, templates=ONE_TEMPLATE, loss="ce")
+    clip_before = {k: v.clone() for k, v in module.segmenter.model.clip.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in module.segmenter.model.decoder.state_dict().items()}
+    losses = fit_steps(module, batch, 60)
+    assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])  # measured: 3.4 -> 0.3
+    with torch.no_grad():
+        accuracy = (module(batch["image"]).argmax(1) == batch["mask"]).float().mean().item()
+    assert accuracy > 0.7
+    clip_after = module.segmenter.model.clip.state_dict()
+    assert all(torch.equal(v, clip_after[k]) for k, v in clip_before.items())  # CLIP frozen
+    decoder_after = module.segmenter.model.decoder.state_dict()
+    assert any(not torch.equal(v, decoder_after[k]) for k, v in decoder_before.items())
+
+
+def test_ce_plus_bce_loss_falls(batch):
+    torch.manual_seed(0)
+    module = SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, templates=ONE_TEMPLATE, loss="ce+bce")
+    losses = fit_steps(module, batch, 30)
+    assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+
+
+def test_loss_ignores_unscored_pixels_and_matches_torch_references():
+    module = SegmenterModule(segmenter="scratch:tiny", classes=["a", "b", "c"], templates=ONE_TEMPLATE, loss="ce+bce")
+    logits = torch.randn(2, 3, 4, 4)
+    mask = torch.randint(0, 3, (2, 4, 4))
+    mask[0, :2] = 255
+    out = module.loss(logits, mask)
+    keep = mask != 255
+    flat_logits = logits.permute(0, 2, 3, 1)[keep]  # n x C
+    ce = torch.nn.functional.cross_entropy(flat_logits, mask[keep])
+    onehot = torch.nn.functional.one_hot(mask[keep], 3).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(flat_logits, onehot)
+    torch.testing.assert_close(out["ce"], ce)
+    torch.testing.assert_close(out["bce"], bce)
+    torch.testing.assert_close(out["loss"], ce + bce)
+
+
+def test_unfreeze_clip_trains_clip_too():
+    module = SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, templates=ONE_TEMPLATE, unfreeze_clip=True)
+    assert all(p.requires_grad for p in module.segmenter.model.parameters())
+    assert module.frozen_prefixes() == ()
+    frozen = SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, templates=ONE_TEMPLATE)
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("segmenter.model.decoder.") for n in trainable)
+
+
+def test_export_loads_with_the_segmenter_loader_and_gives_the_same_logits(tmp_path, batch):
+    torch.manual_seed(0)
+    module = SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, templates=ONE_TEMPLATE)
+    fit_steps(module, batch, 3)
+    module.eval()
+    out = module.export(tmp_path)
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    loaded = CLIPSegSegmenter.from_pretrained(str(out), templates=ONE_TEMPLATE)
+    pixels = (batch["image"] - module.pixel_mean) / module.pixel_std
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(pixels, CLASSES), module.segmenter.logits(pixels, CLASSES))
+
+
+def test_validation_miou_equals_an_independent_confusion_matrix(tmp_path):
+    dm = SegmentationDataModule(
+        shapesworld=ShapesWorldSpec(root=str(tmp_path), n_train=2, n_val=3, size=64),
+        image_size=64,
+        batch_size=2,
+        num_workers=0,
+    )
+    module = SegmenterModule(segmenter="scratch:tiny", classes=dm.classes, templates=ONE_TEMPLATE)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    (metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
+
+    inter, union = np.zeros(len(dm.classes)), np.zeros(len(dm.classes))
+    with torch.no_grad():
+        for b in dm.val_dataloader():
+            pred, gt = module(b["image"]).argmax(1).numpy(), b["mask"].numpy()
+            for c in range(len(dm.classes)):
+                inter[c] += ((pred == c) & (gt == c)).sum()
+                union[c] += ((pred == c) | (gt == c)).sum()
+    expected = np.mean(inter[union > 0] / union[union > 0])
+    assert metrics["val/mIoU"] == pytest.approx(expected, rel=1e-5)
