@@ -49,6 +49,9 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "hea
 # Five outlines that stay distinct at 8-16 px patches: smooth, 4 corners, 3 corners, 5 spikes, 4 arms.
 DEFAULT_THINGS: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 IGNORE = 255
+# Shapes that fill little of their circumcircle (triangle 41 %, star 42 %, square 64 %, circle 100 %) are drawn larger
+# so that their outlines span enough patches to be recognised.
+SHAPE_SCALE: dict[str, float] = {"triangle": 1.2, "star": 1.2, "heart": 1.05}
 
 # Nominal colours: stuff textures vary around these; things are filled with one of COLOURS.
 STUFF_COLOURS: dict[str, tuple[int, int, int]] = {  # also the flat colours of ``textured=False``
@@ -113,8 +116,8 @@ class ShapesConfig:
         things: thing classes, a subset of ``SHAPES``; ``classes.txt`` lists ``STUFF_CLASSES`` then these.
         min_things: fewest things per image.
         max_things: most things per image.
-        min_radius: smallest circumradius of a thing, as a fraction of ``size``.
-        max_radius: largest circumradius of a thing, as a fraction of ``size``.
+        min_radius: smallest circumradius of a thing, as a fraction of ``size`` (times ``SHAPE_SCALE``).
+        max_radius: largest circumradius of a thing, as a fraction of ``size`` (times ``SHAPE_SCALE``).
         min_visible: every thing keeps at least this fraction of its area visible after occlusion.
         max_stuff: most stuff regions per image (1-3).
         textured: procedural textures and shading; False draws every region in its flat nominal colour.
@@ -126,7 +129,7 @@ class ShapesConfig:
     things: tuple[str, ...] = DEFAULT_THINGS
     min_things: int = 1
     max_things: int = 4
-    min_radius: float = 0.14
+    min_radius: float = 0.15
     max_radius: float = 0.28
     min_visible: float = 0.7
     max_stuff: int = 3
@@ -409,10 +412,11 @@ def sample_scene(rng: np.random.Generator, config: ShapesConfig) -> Scene:
         visible: list[np.ndarray] = []  # what is still visible of each placed thing
         for _k in range(int(rng.integers(config.min_things, config.max_things + 1))):
             for _attempt in range(40):
-                radius = rng.uniform(config.min_radius, config.max_radius) * size
+                shape = str(rng.choice(config.things))
+                radius = rng.uniform(config.min_radius, config.max_radius) * size * SHAPE_SCALE.get(shape, 1.0)
                 lo, hi = 0.75 * radius, size - 0.75 * radius  # at most a small part leaves the frame
                 thing = Thing(
-                    shape=str(rng.choice(config.things)),
+                    shape=shape,
                     colour="",
                     cx=rng.uniform(lo, hi),
                     cy=rng.uniform(lo, hi),
@@ -558,8 +562,9 @@ def thing_phrase(shape: str, colour: str = "", size_word: str = "") -> str:
 def _thing_np(thing: Thing, rng: np.random.Generator, size: int) -> str:
     """A random noun phrase for a thing: "a red star", "a big blue circle", "a cross" ..."""
     size_word = ""
-    if rng.random() < 0.3 and not 0.18 * size < thing.radius < 0.23 * size:
-        size_word = "big" if thing.radius >= 0.23 * size else "small"
+    relative = thing.radius / (SHAPE_SCALE.get(thing.shape, 1.0) * size)
+    if rng.random() < 0.3 and not 0.19 < relative < 0.24:
+        size_word = "big" if relative >= 0.24 else "small"
     keep_colour = rng.random() < 0.85 or thing.shape in ALWAYS_COLOURED
     return thing_phrase(thing.shape, thing.colour if keep_colour else "", size_word)
 
