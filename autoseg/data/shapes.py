@@ -49,6 +49,8 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "hea
 # Five outlines that stay distinct at 8-16 px patches: smooth, 4 corners, 3 corners, 5 spikes, 4 arms.
 DEFAULT_THINGS: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 IGNORE = 255
+# Bumped whenever the same (seed, index, config) would draw different pixels or captions; caches should key on it.
+GENERATOR_VERSION = 1
 # Shapes that fill little of their circumcircle (triangle 41 %, star 42 %, square 64 %, circle 100 %) are drawn larger
 # so that their outlines span enough patches to be recognised.
 SHAPE_SCALE: dict[str, float] = {"triangle": 1.2, "star": 1.2, "heart": 1.05}
@@ -719,7 +721,14 @@ def write_dataset(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "classes.txt", "\n".join(config.classes) + "\n")
-    meta = {"generator": "autoseg.data.shapes", "seed": seed, "start": start, "n": n, "config": asdict(config)}
+    meta = {
+        "generator": "autoseg.data.shapes",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "start": start,
+        "n": n,
+        "config": asdict(config),
+    }
     atomic_write_json(out / "shapesworld.json", meta)
     jobs = [(out, seed, i, config) for i in range(start, start + n)]
     bar = tqdm(total=n, desc=f"ShapesWorld -> {out}", unit="img", disable=not progress)
