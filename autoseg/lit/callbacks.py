@@ -30,9 +30,10 @@ class ExportWeights(Callback):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         if not trainer.is_global_zero or not hasattr(pl_module, "export"):
             return
-        root = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "export")
+        root = Path(self.dirpath or Path(log_dir or trainer.default_root_dir) / "export")
         written = [pl_module.export(root / "last")]
         best = next(
             (c.best_model_path for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint) and c.monitor),

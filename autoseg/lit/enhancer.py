@@ -232,8 +232,8 @@ class EnhancerModule(AutoSegModule):
         self.log_overlays(f"{stage}/overlay_image_gt_identity_enhanced", overlays)
 
     def _eval_epoch_end(self, stage: str) -> None:
-        # DatasetIoU.compute() sums the confusion matrices of all processes, so every rank logs the same value
-        self.log(f"{stage}/cluster_mIoU", float(self.val_iou.compute()["mIoU"]), prog_bar=True)
+        # DatasetIoU.compute() sums the confusion matrices of all processes: every rank has the same value already
+        self.log(f"{stage}/cluster_mIoU", float(self.val_iou.compute()["mIoU"]), prog_bar=True, sync_dist=True)
         self.val_iou.reset()
         identity = self.identity_miou
         if self._identity_now:
@@ -242,7 +242,7 @@ class EnhancerModule(AutoSegModule):
             if stage == "val":
                 self.identity_miou = identity
         if identity is not None:
-            self.log(f"{stage}/cluster_mIoU_identity", identity)
+            self.log(f"{stage}/cluster_mIoU_identity", identity, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -159,8 +159,8 @@ class SegmenterModule(AutoSegModule):
             self.log_overlays(f"{stage}/overlay_image_gt_pred", rows)
 
     def _eval_epoch_end(self, stage: str) -> None:
-        # DatasetIoU.compute() sums the confusion matrices of all processes, so every rank logs the same value
-        self.log(f"{stage}/mIoU", float(self.val_iou.compute()["mIoU"]), prog_bar=True)
+        # DatasetIoU.compute() sums the confusion matrices of all processes: every rank has the same value already
+        self.log(f"{stage}/mIoU", float(self.val_iou.compute()["mIoU"]), prog_bar=True, sync_dist=True)
         self.val_iou.reset()
 
     # ------------------------------------------------------------------ predict and export

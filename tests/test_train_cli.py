@@ -1,0 +1,187 @@
+"""train.py (LightningCLI) on the debug configs: fit, resume, export, validate, predict, bf16-mixed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from autoseg.cli.train import cli_main
+from autoseg.lit import EnhancerModule
+from autoseg.models.enhancer import load_enhancer
+from autoseg.models.segmenter import CLIPSegSegmenter
+from autoseg.outputs import read_prediction
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run far faster on one thread than on two contended ones (the test machines are shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def debug_args(kind, root, *extra):
+    """A short debug run: 8 training images in batches of 4 (2 steps per epoch), 4 validation images."""
+    return [
+        "-c",
+        f"configs/debug/{kind}.yaml",
+        f"--trainer.default_root_dir={root / 'runs'}",
+        f"--data.shapesworld.root={root / 'shapes'}",
+        "--data.shapesworld.n_train=8",
+        "--data.shapesworld.n_val=4",
+        "--data.batch_size=4",
+        "--trainer.log_every_n_steps=1",
+        *extra,
+    ]
+
+
+def scalars(log_dir):
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}, acc.Tags()["images"]
+
+
+@pytest.fixture(scope="module")
+def enhancer_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("enhancer")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cli = cli_main(["fit", *debug_args("enhancer", root, "--trainer.max_steps=4")])
+    torch.set_num_threads(n)
+    return root, cli.trainer
+
+
+def test_fit_writes_checkpoints_events_config_and_export(enhancer_run):
+    root, trainer = enhancer_run
+    log_dir = root / "runs" / "lightning_logs" / "version_0"
+    assert trainer.global_step == 4 and trainer.log_dir == str(log_dir)
+    ckpts = sorted(p.name for p in (log_dir / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(c.startswith("best-step") for c in ckpts)
+    assert list(log_dir.glob("events.out.tfevents.*"))
+    config = (log_dir / "config.yaml").read_text()
+    assert "autoseg.lit.EnhancerModule" in config and "max_steps: 4" in config  # the resolved config
+
+    tags, images = scalars(log_dir)
+    for tag in ("train/loss", "val/cluster_mIoU", "val/cluster_mIoU_identity", "lr-AdamW/pg1"):
+        assert tag in tags, sorted(tags)
+    assert [s for s, _ in tags["val/cluster_mIoU"]] == [1, 3]  # one validation per epoch of 2 steps
+    assert len({v for _, v in tags["val/cluster_mIoU_identity"]}) == 1  # computed once
+    lrs = [v for _, v in tags["lr-AdamW/pg1"]]
+    assert lrs[0] != lrs[-1]  # the timm schedule moves the learning rate
+    assert any(t.startswith("val/overlay_image_gt_identity_enhanced/") for t in images)
+
+    last = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 4
+    assert all(k.startswith("enhancer.") for k in last["state_dict"])  # frozen BLIP left out
+    head = load_enhancer(log_dir / "export" / "last" / "enhancer.safetensors")
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, last["state_dict"][f"enhancer.{k}"])
+    assert (log_dir / "export" / "best" / "enhancer.safetensors").is_file()
+
+
+def test_checkpoint_loads_without_a_trainer(enhancer_run):
+    root, _ = enhancer_run
+    path = root / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    module = EnhancerModule.load_from_checkpoint(path, map_location="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    assert module.hparams.classes[:2] == ["sky", "grass"] and module.hparams.blip == "scratch:tiny"
+    assert torch.equal(module.enhancer.proj_out.weight, state["enhancer.proj_out.weight"])
+    assert module.identity_miou is not None
+
+
+def test_resume_continues_the_step_count(enhancer_run):
+    root, _ = enhancer_run
+    last = root / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    before = torch.load(last, map_location="cpu", weights_only=True)
+    cli = cli_main(["fit", *debug_args("enhancer", root, "--trainer.max_steps=6"), f"--ckpt_path={last}"])
+    assert cli.trainer.global_step == 6
+    tags, _ = scalars(root / "runs" / "lightning_logs" / "version_1")
+    assert min(s for s, _ in tags["train/loss"]) > 4  # logging picks up after step 4
+    # the identity baseline comes from the checkpoint, not a new pass
+    assert tags["val/cluster_mIoU_identity"][0][1] == pytest.approx(before["autoseg_cluster_miou_identity"])
+
+
+def test_segmenter_fit_exports_a_directory_the_loader_reads_then_validate_and_predict(tmp_path):
+    cli = cli_main(["fit", *debug_args("segmenter", tmp_path, "--trainer.max_steps=2")])
+    log_dir = tmp_path / "runs" / "lightning_logs" / "version_0"
+    assert cli.trainer.global_step == 2
+    exported = log_dir / "export" / "last" / "segmenter"
+    assert (exported / "model.safetensors").is_file()
+    loaded = CLIPSegSegmenter.from_pretrained(str(exported), templates=["a photo of a {}."])
+    module = cli.model.eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(x, ["sky", "star"]), module.segmenter.logits(x, ["sky", "star"]))
+
+    ckpt = str(log_dir / "checkpoints" / "last.ckpt")
+    val = cli_main(["validate", *debug_args("segmenter", tmp_path), f"--ckpt_path={ckpt}"])
+    assert 0.0 <= val.trainer.callback_metrics["val/mIoU"].item() <= 1.0
+
+    out = tmp_path / "predictions"
+    cli_main(
+        [
+            "predict",
+            *debug_args("segmenter", tmp_path),
+            f"--ckpt_path={ckpt}",
+            "--trainer.callbacks+=autoseg.lit.callbacks.PredictionWriter",
+            f"--trainer.callbacks.output_dir={out}",
+        ]
+    )
+    label_map, vocabulary = read_prediction(out, "000008")  # first validation image (indices after the 8 train)
+    assert vocabulary == module.hparams.classes
+    assert label_map.shape == (64, 64) and 1 <= label_map.min() and label_map.max() <= len(vocabulary)
+    assert json.loads((out / "000008.json").read_text())["vocabulary"] == vocabulary
+
+
+def test_bf16_mixed_runs_on_cpu(tmp_path):
+    cli = cli_main(
+        ["fit", *debug_args("segmenter", tmp_path, "--trainer.max_steps=2", "--trainer.precision=bf16-mixed")]
+    )
+    assert cli.trainer.global_step == 2 and cli.trainer.precision == "bf16-mixed"
+    loss = cli.trainer.callback_metrics["train/loss"]
+    assert np.isfinite(loss.item())
+    assert (tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_bad_config_value_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", *debug_args("enhancer", tmp_path, "--model.init_args.head_width=abc")])
+    assert "head_width" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_agree_on_the_metric(tmp_path):
+    """2 gloo processes through a launch script (DDP re-executes sys.argv); both ranks log the same figures, and
+    they equal a single-process validation of the final weights (4 validation images split 2 + 2, no padding)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "tests/ddp_train.py", str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [4, 4]
+    for key in ("val/cluster_mIoU", "val/cluster_mIoU_identity", "val/loss"):
+        assert ranks[0]["metrics"][key] == ranks[1]["metrics"][key]
+
+    last = tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    single = cli_main(
+        [
+            "validate",
+            "-c",
+            "configs/debug/enhancer.yaml",
+            f"--trainer.default_root_dir={tmp_path / 'single'}",
+            f"--data.shapesworld.root={tmp_path / 'shapes'}",
+            "--data.shapesworld.n_train=16",
+            "--data.shapesworld.n_val=4",
+            "--data.batch_size=4",
+            f"--ckpt_path={last}",
+        ]
+    )
+    value = single.trainer.callback_metrics["val/cluster_mIoU"].item()
+    assert value == pytest.approx(ranks[0]["metrics"]["val/cluster_mIoU"], abs=1e-6)
