@@ -185,3 +185,13 @@ def test_ddp_two_cpu_processes_agree_on_the_metric(tmp_path):
     )
     value = single.trainer.callback_metrics["val/cluster_mIoU"].item()
     assert value == pytest.approx(ranks[0]["metrics"]["val/cluster_mIoU"], abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["enhancer", "segmenter"])
+def test_full_configs_parse(kind, capsys):
+    """The GPU configs need real weights and data to run; here they must at least parse and resolve."""
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", "-c", f"configs/{kind}.yaml", "--print_config"])
+    assert done.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert f"class_path: autoseg.lit.{kind.capitalize()}Module" in printed and "precision: bf16-mixed" in printed
