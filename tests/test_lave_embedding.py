@@ -137,15 +137,17 @@ def test_embedding_cache_reuse(tmp_path, mapper):
     voc = class_names("voc20")
     cache = tmp_path / "emb.json"
     m1 = build_mapper("embedding", cache_path=cache, lemmatize=False, progress=False)
-    m1.backend._encoder = mapper.backend.encoder
+    m1.backend = mapper.backend  # same settings: reuse the loaded model and class embeddings
     first = m1.map_names(["puppy", "sky", "couch"], voc, "voc20")
     assert m1.n_backend_calls == 3 and first == {"puppy": voc.index("dog"), "sky": None, "couch": voc.index("sofa")}
     m2 = build_mapper("embedding", cache_path=cache, lemmatize=False, progress=False)
     assert m2.map_names(["puppy", "sky", "couch"], voc, "voc20") == first
     assert m2.n_backend_calls == 0 and m2.backend._encoder is None  # the model was not even loaded
+    assert m2.backend.cache_id == mapper.backend.cache_id
     assert m2.records["puppy"]["source"] == "cache" and m2.records["puppy"]["raw"]["best_class"] == "dog"
     # other settings are another cache key
     m3 = build_mapper("embedding", cache_path=cache, threshold=0.5, lemmatize=False, progress=False)
     m3.backend._encoder = mapper.backend.encoder
+    m3.backend._class_state = mapper.backend._class_state  # class/anchor embeddings do not depend on the threshold
     m3.map_names(["puppy"], voc, "voc20")
     assert m3.n_backend_calls == 1
