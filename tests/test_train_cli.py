@@ -195,3 +195,18 @@ def test_full_configs_parse(kind, capsys):
     assert done.value.code in (0, None)
     printed = capsys.readouterr().out
     assert f"class_path: autoseg.lit.{kind.capitalize()}Module" in printed and "precision: bf16-mixed" in printed
+
+
+def test_prediction_writer_handles_items_without_a_file(tmp_path):
+    """Shard samples have no image path: the overlay is drawn on the model input resized to the original size."""
+    from autoseg.lit.callbacks import PredictionWriter
+
+    label_map = np.zeros((30, 40), np.int32)
+    label_map[:, 20:] = 2
+    prediction = [{"name": "shard/key", "path": "", "label_map": label_map, "vocabulary": ["sky", "star"]}]
+    batch = {"image": torch.rand(1, 3, 16, 16), "orig_size": torch.tensor([[30, 40]])}
+    PredictionWriter(str(tmp_path)).write_on_batch_end(None, None, prediction, None, batch, 0)
+    got, vocabulary = read_prediction(tmp_path, "shard/key")
+    assert vocabulary == ["sky", "star"]
+    np.testing.assert_array_equal(got, label_map)
+    assert (tmp_path / "shard" / "key_overlay.jpg").is_file()

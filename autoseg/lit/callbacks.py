@@ -9,7 +9,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
 
+from autoseg.lit.base import to_uint8
 from autoseg.outputs import Prediction, write_prediction
 from autoseg.utils.io import load_image
 
@@ -66,7 +68,11 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        for item in prediction:
-            image = load_image(item["path"])
+        for i, item in enumerate(prediction):
+            if item["path"]:
+                image = load_image(item["path"])
+            else:  # shards carry no file: show the model's input, resized back to the original size
+                h, w = (int(s) for s in batch["orig_size"][i])
+                image = Image.fromarray(to_uint8(batch["image"][i])).resize((w, h), Image.BILINEAR)
             pred = Prediction(vocabulary=item["vocabulary"], label_map=item["label_map"])
             write_prediction(self.output_dir, item["name"], image, item["path"], pred)
