@@ -88,7 +88,10 @@ class ShapesWorldSpec:
             raise ValueError(f"shapesworld.shapes: {e}; allowed keys: {fields}") from e
 
     def folder(self) -> Path:
-        key = json.dumps(dataclasses.asdict(self) | {"root": None}, sort_keys=True)
+        """``root/shapesworld-<hash of the settings and the generator version>``: a changed generator regenerates."""
+        from autoseg.data.shapes import GENERATOR_VERSION
+
+        key = json.dumps(dataclasses.asdict(self) | {"root": None, "generator": GENERATOR_VERSION}, sort_keys=True)
         digest = hashlib.sha1(key.encode()).hexdigest()[:10]
         return Path(self.root).expanduser() / f"shapesworld-{digest}"
 
