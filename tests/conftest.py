@@ -6,6 +6,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub are 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Tiny models gain nothing from intra-op threads and lose a lot when the cores are shared (measured 25x slower).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from autoseg.models.blip import BlipCaptioner
 from autoseg.models.segmenter import CLIPSegSegmenter
@@ -55,25 +54,8 @@ def build_blip(source: str) -> BlipCaptioner:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SCRATCH_SEED)
             model, processor = make_blip(**spec)
-            _reinit_vision(model.vision_model)
         return BlipCaptioner(model, processor)
     return BlipCaptioner.from_pretrained(source)
-
-
-def _reinit_vision(vision: nn.Module, std: float = 0.02) -> None:
-    """Re-draw a random BLIP vision tower with ViT's usual std 0.02.
-
-    ``BlipVisionConfig.initializer_range`` defaults to 1e-10 (pretrained weights always replace it), so a
-    from-scratch tower would output constant tokens; the grouping objective needs tokens that vary with the image.
-    """
-    for module in vision.modules():
-        if isinstance(module, nn.Linear | nn.Conv2d):
-            nn.init.trunc_normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    embeddings = vision.embeddings
-    nn.init.trunc_normal_(embeddings.class_embedding, std=std)
-    nn.init.trunc_normal_(embeddings.position_embedding, std=std)
 
 
 def build_clipseg(source: str, words: Sequence[str] = (), **kwargs) -> CLIPSegSegmenter:

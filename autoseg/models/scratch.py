@@ -67,6 +67,7 @@ def make_blip(
             intermediate_size=intermediate_size,
             patch_size=patch_size,
             image_size=image_size,
+            initializer_range=0.02,  # BLIP's default 1e-10 assumes pretrained weights: random towers would be constant
         ),
         text_config=dict(
             vocab_size=len(tok),
@@ -82,6 +83,7 @@ def make_blip(
             max_position_embeddings=64,
         ),
         projection_dim=hidden_size,
+        initializer_range=0.02,
     )
     model = BlipForConditionalGeneration(config).eval()
     image_processor = BlipImageProcessor(
