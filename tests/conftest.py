@@ -28,3 +28,17 @@ def tiny_clipseg_dir(tmp_path_factory):
 
     model, processor = scratch.make_clipseg(words=["dog", "cat", "grass", "sky"])
     return scratch.save(model, processor, tmp_path_factory.mktemp("tiny_clipseg"))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """A collated batch of two 64 px ShapesWorld samples (image, mask, name), as the data module yields them."""
+    from autoseg.data.shapes import ShapesConfig, generate_sample
+    from autoseg.data.transforms import SegmentationTransform, collate
+
+    config, transform = ShapesConfig(size=64), SegmentationTransform(64)
+    items = []
+    for i in range(2):
+        image, mask, _ = generate_sample(0, i, config)
+        items.append(transform({"image": image, "mask": mask, "name": str(i)}))
+    return collate(items)

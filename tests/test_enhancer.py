@@ -11,15 +11,6 @@ from safetensors.torch import save_file
 from autoseg.models.enhancer import EmbeddingEnhancer, EnhancerConfig, load_enhancer, save_enhancer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on two contended ones (the test machines are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def perturbed(config: EnhancerConfig, seed: int = 0) -> EmbeddingEnhancer:
     """A head whose every parameter (the zero output projection included) is randomly perturbed."""
     head = EmbeddingEnhancer(config)

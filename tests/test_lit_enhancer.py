@@ -5,32 +5,12 @@ import pytest
 import torch
 
 from autoseg.data.datamodules import SegmentationDataModule, ShapesWorldSpec
-from autoseg.data.shapes import ShapesConfig, generate_sample
-from autoseg.data.transforms import SegmentationTransform, collate
+from autoseg.data.shapes import ShapesConfig
 from autoseg.lit import EnhancerModule
 from autoseg.lit.grouping import patch_labels
 
 CLASSES = list(ShapesConfig().classes)
 TINY_HEAD = dict(head_width=32, head_depth=1, head_heads=2, head_pos_dim=16)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on two contended ones (the test machines are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    config, transform = ShapesConfig(size=64), SegmentationTransform(64)
-    items = []
-    for i in range(2):
-        image, mask, _ = generate_sample(0, i, config)
-        items.append(transform({"image": image, "mask": mask, "name": str(i)}))
-    return collate(items)
 
 
 def supcon_floor(labels: torch.Tensor) -> float:

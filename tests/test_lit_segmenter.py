@@ -6,32 +6,12 @@ import pytest
 import torch
 
 from autoseg.data.datamodules import SegmentationDataModule, ShapesWorldSpec
-from autoseg.data.shapes import ShapesConfig, generate_sample
-from autoseg.data.transforms import SegmentationTransform, collate
+from autoseg.data.shapes import ShapesConfig
 from autoseg.lit import SegmenterModule
 from autoseg.models.segmenter import CLIPSegSegmenter
 
 CLASSES = list(ShapesConfig().classes)
 ONE_TEMPLATE = ["a photo of a {}."]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on two contended ones (the test machines are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def batch():
-    config, transform = ShapesConfig(size=64), SegmentationTransform(64)
-    items = []
-    for i in range(2):
-        image, mask, _ = generate_sample(0, i, config)
-        items.append(transform({"image": image, "mask": mask, "name": str(i)}))
-    return collate(items)
 
 
 def fit_steps(module, batch, steps, lr=3e-3):

@@ -17,15 +17,6 @@ from autoseg.models.segmenter import CLIPSegSegmenter
 from autoseg.outputs import read_prediction
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread than on two contended ones (the test machines are shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def debug_args(kind, root, *extra):
     """A short debug run: 8 training images in batches of 4 (2 steps per epoch), 4 validation images."""
     return [
