@@ -8,7 +8,9 @@ checkpoints leave frozen weights out and take them from the source again when lo
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -45,12 +47,25 @@ def _scratch_spec(source: str, registry: dict[str, dict], what: str) -> dict:
     return registry[name]
 
 
-def build_blip(source: str) -> BlipCaptioner:
-    """BLIP captioner from a hub id, a local directory or ``scratch:tiny`` / ``scratch:small`` (random, seeded)."""
+def build_blip(source: str, scratch: dict[str, Any] | None = None) -> BlipCaptioner:
+    """BLIP captioner from a hub id, a local directory or ``scratch:tiny`` / ``scratch:small`` (random, seeded).
+
+    Args:
+        source: where the weights come from.
+        scratch: for ``scratch:`` sources, ``make_blip`` arguments that override the registered size (e.g.
+            ``{"hidden_size": 96, "patch_size": 16}``); an error for other sources.
+    """
+    if scratch and not source.startswith(SCRATCH_PREFIX):
+        raise ValueError(f"BLIP source {source!r}: size options {scratch} only apply to 'scratch:NAME' sources")
     if source.startswith(SCRATCH_PREFIX):
         from autoseg.models.scratch import make_blip
 
         spec = _scratch_spec(source, SCRATCH_BLIP, "BLIP")
+        allowed = set(inspect.signature(make_blip).parameters)
+        unknown = sorted(set(scratch or {}) - allowed)
+        if unknown:
+            raise ValueError(f"BLIP scratch options {unknown} unknown; allowed: {sorted(allowed)}")
+        spec = {**spec, **(scratch or {})}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(SCRATCH_SEED)
             model, processor = make_blip(**spec)
