@@ -5,7 +5,9 @@ Each split is a :class:`DataSource`: a registered reader (``build_dataset``: ``v
 masks, for ``predict``). With ``shapesworld`` set, train and val folders are generated once into a cache folder
 (``prepare_data``, rank 0 only) and need no download. Items are transformed jointly (image + mask) by
 :class:`autoseg.data.transforms.SegmentationTransform` and collated to ``{"image": B x 3 x S x S in [0, 1],
-"mask": B x S x S int64, "name": [str], "orig_size": B x 2}``.
+"mask": B x S x S int64, "name": [str], "orig_size": B x 2}``, plus ``"captions": [dict or None]`` (the captions dict of
+:mod:`autoseg.data.shapes`, uncollated) when the source has captions: ``folder`` datasets with ``captions/NAME.json``
+and shards with a ``caption.json`` member (the captioner module trains on them).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from autoseg.data.transforms import SegmentationTransform, collate
 from autoseg.utils.io import atomic_write_json, find_images, load_image
 
 SPECIAL_SOURCES = ("shards", "images")
+CAPTIONS = "captions"  # batch key of the per-image captions dicts
 
 
 @dataclass
@@ -124,6 +127,47 @@ class _Mapped(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.fn(self.base[index])
+
+
+class _FolderCaptions(Dataset):
+    """Items of a ``folder`` dataset plus ``captions``: the parsed ``captions/NAME.json``, None where it is missing."""
+
+    def __init__(self, base: Any):
+        self.base = base
+        self.folder = Path(base.root) / "captions"
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.base[index]
+        path = self.folder / f"{item['name']}.json"
+        try:
+            captions = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e}); expected the captions dict of data/README.md") from e
+        return {**item, CAPTIONS: captions}
+
+
+class _KeepCaptions:
+    """Run the joint transform and carry the item's captions (which the transform does not know) through."""
+
+    def __init__(self, transform: Callable[[dict], dict]):
+        self.transform = transform
+
+    def __call__(self, item: dict) -> dict:
+        out = self.transform(item)
+        if CAPTIONS in item:
+            out[CAPTIONS] = item[CAPTIONS]
+        return out
+
+
+def collate_with_captions(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``collate`` the tensors; captions dicts (ragged, possibly None) stay a plain list under ``"captions"``."""
+    batch = collate([{k: v for k, v in item.items() if k != CAPTIONS} for item in items])
+    if any(CAPTIONS in item for item in items):
+        batch[CAPTIONS] = [item.get(CAPTIONS) for item in items]
+    return batch
 
 
 class _MappedIterable(IterableDataset):
@@ -246,8 +290,10 @@ class SegmentationDataModule(L.LightningDataModule):
         if src is None:
             raise ValueError(f"no '{stage}' data configured; set data.{stage} (or data.shapesworld) in the config")
         train = stage == "train"
-        transform = SegmentationTransform(
-            self.hparams.image_size, train=train, scale=self.hparams.crop_scale, hflip=self.hparams.hflip
+        transform = _KeepCaptions(
+            SegmentationTransform(
+                self.hparams.image_size, train=train, scale=self.hparams.crop_scale, hflip=self.hparams.hflip
+            )
         )
         if src.dataset == "images":
             return _Mapped(ImageFolder(Path(src.root).expanduser(), src.limit), transform)
@@ -257,7 +303,10 @@ class SegmentationDataModule(L.LightningDataModule):
             urls = src.root if "{" in src.root else str(Path(src.root).expanduser())
             base = shard_dataset(urls, shuffle=self.hparams.shuffle_buffer if train else 0, seed=self.hparams.seed)
             return _MappedIterable(base, transform, src.limit)
-        return _Mapped(self._reader(src), transform)
+        reader = self._reader(src)
+        if src.dataset == "folder" and (Path(reader.root) / "captions").is_dir():
+            reader = _FolderCaptions(reader)
+        return _Mapped(reader, transform)
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
@@ -277,7 +326,7 @@ class SegmentationDataModule(L.LightningDataModule):
             shuffle=train and not iterable,
             drop_last=train and not iterable and len(ds) > bs,  # no ragged last batch, unless it is the only one
             num_workers=self.hparams.num_workers,
-            collate_fn=collate,
+            collate_fn=collate_with_captions,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
