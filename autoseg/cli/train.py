@@ -1,9 +1,11 @@
-"""``train.py``: train the enhancer head or fine-tune the segmenter with LightningCLI (fit / validate / test / predict).
+"""``train.py``: train the enhancer head, fine-tune the segmenter or the captioner with LightningCLI (fit / validate /
+test / predict).
 
-The model is chosen by class path in the YAML (``autoseg.lit.EnhancerModule`` or ``autoseg.lit.SegmenterModule``);
-the data module's class names and ignore index are linked into the model, so a config never repeats them. Every run
-writes ``<default_root_dir>/lightning_logs/version_N/`` with TensorBoard events, the resolved ``config.yaml``,
-``checkpoints/`` and, after ``fit`` with the ``ExportWeights`` callback, ``export/{last,best}/``.
+The model is chosen by class path in the YAML (``autoseg.lit.EnhancerModule``, ``autoseg.lit.SegmenterModule`` or
+``autoseg.lit.CaptionerModule``); the data module's class names and ignore index are linked into the model, so a
+config never repeats them. Every run writes ``<default_root_dir>/lightning_logs/version_N/`` with TensorBoard events,
+the resolved ``config.yaml``, ``checkpoints/`` and, after ``fit`` with the ``ExportWeights`` callback,
+``export/{last,best}/``.
 """
 
 from __future__ import annotations
