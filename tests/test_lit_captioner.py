@@ -13,7 +13,6 @@ from test_train_cli import debug_args, scalars
 from autoseg.cli.train import cli_main
 from autoseg.data.datamodules import DataSource, SegmentationDataModule, ShapesWorldSpec
 from autoseg.data.shapes import STUFF_CLASSES, ShapesConfig, generate_sample
-from autoseg.data.transforms import SegmentationTransform
 from autoseg.lit import CaptionerModule
 from autoseg.lit.sources import build_blip
 from autoseg.models.blip import BlipCaptioner, CaptionConfig
@@ -33,16 +32,9 @@ def shapes_items(n=2, seed=0):
 
 
 @pytest.fixture(scope="module")
-def batch():
-    from autoseg.data.datamodules import collate_with_captions
-
-    transform = SegmentationTransform(64)
-    items = []
-    for item in shapes_items():
-        out = transform(item)
-        out["captions"] = item["captions"]
-        items.append(out)
-    return collate_with_captions(items)
+def caption_batch(batch):
+    """The shared two-sample ShapesWorld batch (conftest) with its captions, as the data module carries them."""
+    return {**batch, "captions": [item["captions"] for item in shapes_items()]}
 
 
 def module(**kwargs):
@@ -63,12 +55,12 @@ def naive_majority(mask: np.ndarray, patch: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("mode", ["global", "concat"])
-def test_region_states_are_what_inference_builds_for_the_same_region(batch, mode):
+def test_region_states_are_what_inference_builds_for_the_same_region(caption_batch, mode):
     """Inference path: BlipCaptioner.encode on the PIL image, cluster map = each patch's majority class, then
     cluster_states; the module must give the same states for each region."""
     m = module(caption_mode=mode).eval()
     with torch.no_grad():
-        _, (regions, states) = m._step(batch)
+        _, (regions, states) = m._step(caption_batch)
         item = shapes_items()[1]  # the second image of the batch
         tokens = m.blip.encode([item["image"]], [64])[0]
         majority = naive_majority(np.asarray(item["mask"]), m.blip.patch_size)
@@ -114,14 +106,14 @@ def test_lm_loss_is_the_mean_next_token_loss_of_the_caption_tokens_only():
     torch.testing.assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
 
 
-def test_overfits_one_batch_and_then_captions_each_region_with_its_class(batch):
+def test_overfits_one_batch_and_then_captions_each_region_with_its_class(caption_batch):
     torch.manual_seed(0)
     m = module()
     optimizer = torch.optim.AdamW(m.parameters(), lr=1e-2)
     m.train()
     losses = []
     for _ in range(40):
-        loss = m._step(batch)[0]["loss"]
+        loss = m._step(caption_batch)[0]["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -129,7 +121,7 @@ def test_overfits_one_batch_and_then_captions_each_region_with_its_class(batch):
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])  # measured: 10.3 -> 0.26
     m.eval()
     with torch.no_grad():
-        _, (regions, states) = m._step(batch)
+        _, (regions, states) = m._step(caption_batch)
         captions = [c[0] for c in m.blip.caption(states, GREEDY)]
     names = [CLASSES[r.class_id] for r in regions]
     assert len(regions) == 9
@@ -139,14 +131,14 @@ def test_overfits_one_batch_and_then_captions_each_region_with_its_class(batch):
     assert sum(hits) >= 8, list(zip(names, captions, strict=True))
 
 
-def test_auxiliary_head_and_frozen_vision(batch):
+def test_auxiliary_head_and_frozen_vision(caption_batch):
     m = module(aux_weight=0.5, freeze_vision=True)
     vision_before = {k: v.clone() for k, v in m.blip.model.vision_model.state_dict().items()}
     optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
     m.train()
     assert not m.blip.model.vision_model.training and m.blip.model.text_decoder.training
     for _ in range(3):
-        losses = m._step(batch)[0]
+        losses = m._step(caption_batch)[0]
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
@@ -185,13 +177,13 @@ def test_names_class_checks_nouns_and_whole_multiword_names():
     ]
 
 
-def test_regions_need_captions_of_the_same_classes_or_a_fallback(batch):
-    bad = [dict(c, regions=[{"class": "grass", "class_id": 0, "caption": "grass"}]) for c in batch["captions"]]
+def test_regions_need_captions_of_the_same_classes_or_a_fallback(caption_batch):
+    bad = [dict(c, regions=[{"class": "grass", "class_id": 0, "caption": "grass"}]) for c in caption_batch["captions"]]
     with pytest.raises(ValueError, match="class_id 0 is sky"):
-        module()._step({**batch, "captions": bad})
+        module()._step({**caption_batch, "captions": bad})
     m = module().train()
     with pytest.raises(ValueError, match="no captions.*fallback_template"):
-        m._step({k: v for k, v in batch.items() if k != "captions"})
+        m._step({k: v for k, v in caption_batch.items() if k != "captions"})
     m = module(fallback_template="{}", image_caption=True)
     labels = torch.tensor([[0, 0, 7, -1]])
     regions, full = m.regions(labels, [None])
