@@ -294,19 +294,21 @@ class CaptionerModule(AutoSegModule):
         lengths = torch.tensor([s.shape[0] for s in states], device=self.device)
         padded = nn.utils.rnn.pad_sequence(states, batch_first=True)  # R x L x D
         encoder_mask = (torch.arange(padded.shape[1], device=self.device)[None] < lengths[:, None]).long()
-        logits = self.blip.model.text_decoder(
+        decoder = self.blip.model.text_decoder
+        hidden = decoder.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,
             encoder_hidden_states=padded,
             encoder_attention_mask=encoder_mask,
-            return_logits=True,
-        )  # R x (T - 1) x V: the prediction of each next token
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            labels[:, 1:].flatten(),
-            ignore_index=LABEL_IGNORE,
-            label_smoothing=self.hparams.label_smoothing,
-        )
+            is_decoder=True,
+            use_cache=False,
+        ).last_hidden_state  # R x T x H
+        # the LM head (vocabulary-sized output) only where a caption token is predicted: the prompt and padding
+        # positions would cost most of the step for nothing (decoder.forward computes logits everywhere)
+        targets = labels[:, 1:]  # the next token of each position
+        scored = targets != LABEL_IGNORE
+        logits = decoder.cls(hidden[:, :-1][scored])  # M x V
+        return F.cross_entropy(logits.float(), targets[scored], label_smoothing=self.hparams.label_smoothing)
 
     def _step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], tuple[list[Region], list[torch.Tensor]]]:
         """Losses of a batch, and its regions with their encoder states."""
