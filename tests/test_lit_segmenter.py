@@ -108,3 +108,71 @@ def test_validation_miou_equals_an_independent_confusion_matrix(tmp_path):
                 union[c] += ((pred == c) | (gt == c)).sum()
     expected = np.mean(inter[union > 0] / union[union > 0])
     assert metrics["val/mIoU"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_patch_loss_stage_trains_only_the_vision_tower_and_head(batch):
+    """decoder_loss_weight 0: the cheap first stage of a from-scratch recipe (no per-class decoding)."""
+    torch.manual_seed(0)
+    weights = [1.0] * 5 + [3.0] * 5
+    module = SegmenterModule(
+        segmenter="scratch:tiny",
+        classes=CLASSES,
+        templates=ONE_TEMPLATE,
+        unfreeze_clip=True,
+        patch_loss_weight=1.0,
+        decoder_loss_weight=0.0,
+        class_weights=weights,
+    )
+    decoder_before = {k: v.clone() for k, v in module.segmenter.model.decoder.state_dict().items()}
+    vision_before = module.segmenter.model.clip.vision_model.embeddings.patch_embedding.weight.clone()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(40):
+        logits, patch = module._outputs(batch["image"], decode=False)
+        assert logits is None and patch.shape == (2, 64, len(CLASSES))  # 64 px / patch 8 = 8 x 8
+        out = module.loss(logits, batch["mask"], patch)
+        assert set(out) == {"patch", "loss"}
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < losses[0] / 4, (losses[0], losses[-1])
+    decoder_after = module.segmenter.model.decoder.state_dict()
+    assert all(torch.equal(v, decoder_after[k]) for k, v in decoder_before.items())
+    assert not torch.equal(vision_before, module.segmenter.model.clip.vision_model.embeddings.patch_embedding.weight)
+
+
+def test_patch_loss_targets_are_majority_classes_with_class_weights():
+    module = SegmenterModule(
+        segmenter="scratch:tiny",
+        classes=["a", "b"],
+        templates=ONE_TEMPLATE,
+        patch_loss_weight=1.0,
+        decoder_loss_weight=0.0,
+        class_weights=[1.0, 4.0],
+    )
+    mask = torch.zeros(1, 16, 16, dtype=torch.long)  # patch 8: a 2 x 2 grid
+    mask[0, :8, 8:] = 1  # top-right patch is class b
+    mask[0, 8:, :8] = 255  # bottom-left patch is unscored
+    patch_logits = torch.randn(1, 4, 2)
+    got = module.loss(None, mask, patch_logits)["patch"]
+    # by hand: patches 0, 1, 3 have targets a, b, a; weighted mean = sum(w_t * nll) / sum(w_t)
+    nll = -torch.log_softmax(patch_logits[0], -1)
+    expected = (1 * nll[0, 0] + 4 * nll[1, 1] + 1 * nll[3, 0]) / (1 + 4 + 1)
+    assert torch.allclose(got, expected)
+
+
+def test_scratch_size_overrides_and_bad_settings():
+    module = SegmenterModule(
+        segmenter="scratch:tiny", classes=CLASSES, templates=ONE_TEMPLATE, scratch={"patch_size": 16, "hidden_size": 48}
+    )
+    vision = module.segmenter.model.config.vision_config
+    assert (vision.patch_size, vision.hidden_size) == (16, 48)
+    with pytest.raises(ValueError, match="class_weights has 2 values"):
+        SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, class_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="nothing to train"):
+        SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, decoder_loss_weight=0.0)
+    with pytest.raises(ValueError, match="scratch options \\['depth'\\] unknown"):
+        SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, scratch={"depth": 3})
+    with pytest.raises(ValueError, match="only apply to 'scratch:NAME'"):
+        SegmenterModule(segmenter="CIDAS/clipseg-rd64-refined", classes=CLASSES, scratch={"patch_size": 16})

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from autoseg.lit.base import AutoSegModule, colourise, normaliser, to_uint8
+from autoseg.lit.grouping import IGNORED, patch_labels
 from autoseg.lit.sources import build_clipseg
 from autoseg.metrics import DatasetIoU
 from autoseg.models.segmenter import DEFAULT_CLIPSEG, DEFAULT_TEMPLATES
@@ -35,6 +36,12 @@ class SegmenterModule(AutoSegModule):
         unfreeze_clip: also train CLIP (vision and text towers).
         loss: "ce", "bce" or "ce+bce".
         bce_weight: weight of the BCE term in "ce+bce".
+        class_weights: per-class weights of the cross-entropy terms (e.g. more weight on small "thing" classes).
+        patch_loss_weight: weight of an auxiliary per-patch class loss: a linear head (not exported) on the last
+            CLIP vision layer predicts each patch's majority class. Helps a from-scratch vision tower learn shapes.
+        decoder_loss_weight: weight of the decoder loss; 0 trains only the vision tower through the patch loss (a
+            cheap first stage for from-scratch models: the per-class decoder dominates the cost of a step).
+        scratch: for ``scratch:NAME`` sources, ``make_clipseg`` size overrides (``hidden_size``, ``patch_size``...).
         num_overlays: validation images logged to TensorBoard (image | ground truth | prediction).
         optimizer: timm optimizer name (``create_optimizer_v2``).
         lr: peak learning rate.
@@ -53,6 +60,10 @@ class SegmenterModule(AutoSegModule):
         unfreeze_clip: bool = False,
         loss: str = "ce",
         bce_weight: float = 1.0,
+        class_weights: list[float] | None = None,
+        patch_loss_weight: float = 0.0,
+        decoder_loss_weight: float = 1.0,
+        scratch: dict[str, Any] | None = None,
         num_overlays: int = 4,
         optimizer: str = "adamw",
         lr: float = 1e-4,
@@ -70,8 +81,12 @@ class SegmenterModule(AutoSegModule):
             )
         if loss not in LOSSES:
             raise ValueError(f"loss {loss!r} unknown; choose one of {LOSSES}")
+        if class_weights is not None and len(class_weights) != len(classes):
+            raise ValueError(f"class_weights has {len(class_weights)} values for {len(classes)} classes")
+        if patch_loss_weight <= 0 and decoder_loss_weight <= 0:
+            raise ValueError("nothing to train: patch_loss_weight and decoder_loss_weight are both 0")
         self.segmenter = build_clipseg(
-            segmenter, words=classes, templates=tuple(templates) if templates else DEFAULT_TEMPLATES
+            segmenter, words=classes, scratch=scratch, templates=tuple(templates) if templates else DEFAULT_TEMPLATES
         )
         self.segmenter.model.requires_grad_(False)
         self.segmenter.model.decoder.requires_grad_(True)
@@ -82,10 +97,16 @@ class SegmenterModule(AutoSegModule):
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
         self.val_iou = DatasetIoU(len(classes), ignore_index)
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.patch_head = None
+        if patch_loss_weight > 0:
+            self.patch_head = torch.nn.Linear(self.segmenter.model.config.vision_config.hidden_size, len(classes))
+            self.val_patch_iou = DatasetIoU(len(classes), IGNORED)
 
     # ------------------------------------------------------------------ parts
     def trainable(self) -> torch.nn.Module:
-        return self.segmenter.model  # the optimizer skips parameters with requires_grad False
+        return self  # the optimizer skips parameters with requires_grad False (frozen CLIP)
 
     def frozen_prefixes(self) -> tuple[str, ...]:
         return () if self.hparams.unfreeze_clip else ("segmenter.model.clip.",)
@@ -98,35 +119,65 @@ class SegmenterModule(AutoSegModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits ``B x C x H x W`` (at the input size) of ``B x 3 x H x W`` images in [0, 1]."""
-        pixels = (images - self.pixel_mean) / self.pixel_std
-        logits = self.segmenter.logits(pixels, self.hparams.classes)
-        if logits.shape[-2:] != images.shape[-2:]:
-            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return self._logits(self.segmenter.encode_image(self._pixels(images)), images.shape[-2:])
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def _logits(self, activations: list[torch.Tensor], size) -> torch.Tensor:
+        logits = self.segmenter.decode(activations, self.segmenter.text_embeddings(self.hparams.classes))
+        if logits.shape[-2:] != tuple(size):
+            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
 
+    def _outputs(self, images: torch.Tensor, decode: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Decoder logits ``B x C x H x W`` (None when not decoding) and patch-head logits ``B x N x C`` (or None)."""
+        states = self.segmenter.vision_states(self._pixels(images))
+        logits = None
+        if decode:
+            logits = self._logits([states[i + 1] for i in self.segmenter.model.extract_layers], images.shape[-2:])
+        patch = self.patch_head(states[-1][:, 1:]) if self.patch_head is not None else None
+        return logits, patch
+
+    def _patch_grid(self, images_or_masks: torch.Tensor) -> tuple[int, int]:
+        """The vision tower's patch grid for inputs of this size (masks have the images' size here)."""
+        p = self.segmenter.model.config.vision_config.patch_size
+        return images_or_masks.shape[-2] // p, images_or_masks.shape[-1] // p
+
     # ------------------------------------------------------------------ objective
-    def loss(self, logits: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``logits``: ``B x C x H x W``; ``mask``: ``B x H x W`` class ids or ``ignore_index``."""
+    def loss(
+        self, logits: torch.Tensor | None, mask: torch.Tensor, patch_logits: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``logits``: ``B x C x H x W`` (or None); ``mask``: ``B x H x W`` class ids or ``ignore_index``;
+        ``patch_logits``: ``B x N x C`` from the patch head (or None)."""
         hp = self.hparams
-        if logits.shape[-2:] != mask.shape[-2:]:
-            logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-        logits = logits.float()
         out: dict[str, torch.Tensor] = {}
-        if "ce" in hp.loss.split("+"):
-            out["ce"] = F.cross_entropy(logits, mask, ignore_index=hp.ignore_index)
-        if "bce" in hp.loss.split("+"):
-            scored = mask != hp.ignore_index  # B x H x W
-            onehot = F.one_hot(mask.clamp(0, logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2).float()
-            per_pixel = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1)  # B x H x W
-            out["bce"] = per_pixel[scored].mean() if scored.any() else logits.sum() * 0.0
-        if hp.loss == "ce+bce":
-            out["loss"] = out["ce"] + hp.bce_weight * out["bce"]
-        else:
-            out["loss"] = out[hp.loss]
+        total = mask.new_zeros((), dtype=torch.float32)
+        if logits is not None:
+            if logits.shape[-2:] != mask.shape[-2:]:
+                logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
+            logits = logits.float()
+            if "ce" in hp.loss.split("+"):
+                out["ce"] = F.cross_entropy(logits, mask, weight=self.class_weights, ignore_index=hp.ignore_index)
+            if "bce" in hp.loss.split("+"):
+                scored = mask != hp.ignore_index  # B x H x W
+                onehot = F.one_hot(mask.clamp(0, logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2).float()
+                per_pixel = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").mean(1)  # B x H x W
+                out["bce"] = per_pixel[scored].mean() if scored.any() else logits.sum() * 0.0
+            decoder = out["ce"] + hp.bce_weight * out["bce"] if hp.loss == "ce+bce" else out[hp.loss]
+            total = total + hp.decoder_loss_weight * decoder
+        if patch_logits is not None:
+            labels = patch_labels(mask, self._patch_grid(mask), hp.ignore_index)  # B x N
+            out["patch"] = F.cross_entropy(
+                patch_logits.flatten(0, 1).float(), labels.flatten(), weight=self.class_weights, ignore_index=IGNORED
+            )
+            total = total + hp.patch_loss_weight * out["patch"]
+        out["loss"] = total
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.loss(self(batch["image"]), batch["mask"])
+        logits, patch = self._outputs(batch["image"], decode=self.hparams.decoder_loss_weight > 0)
+        losses = self.loss(logits, batch["mask"], patch)
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=len(batch["image"]))
         return losses["loss"]
 
@@ -144,9 +195,12 @@ class SegmenterModule(AutoSegModule):
         self._eval_epoch_end("test")
 
     def _eval_step(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
-        logits = self(batch["image"])
-        losses = self.loss(logits, batch["mask"])
+        logits, patch = self._outputs(batch["image"])
+        losses = self.loss(logits, batch["mask"], patch)
         bs = len(batch["image"])
+        if patch is not None:
+            grid = self._patch_grid(batch["mask"])
+            self.val_patch_iou.update(patch.argmax(-1), patch_labels(batch["mask"], grid, self.hparams.ignore_index))
         self.log_dict({f"{stage}/{k}": v for k, v in losses.items()}, sync_dist=True, batch_size=bs)
         pred = logits.argmax(1)  # B x H x W
         self.val_iou.update(pred, batch["mask"])
@@ -162,6 +216,9 @@ class SegmenterModule(AutoSegModule):
         # DatasetIoU.compute() sums the confusion matrices of all processes: every rank has the same value already
         self.log(f"{stage}/mIoU", float(self.val_iou.compute()["mIoU"]), prog_bar=True, sync_dist=True)
         self.val_iou.reset()
+        if self.patch_head is not None:  # majority class per patch from the auxiliary head
+            self.log(f"{stage}/patch_mIoU", float(self.val_patch_iou.compute()["mIoU"]), sync_dist=True)
+            self.val_patch_iou.reset()
 
     # ------------------------------------------------------------------ predict and export
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:

@@ -47,6 +47,23 @@ def _scratch_spec(source: str, registry: dict[str, dict], what: str) -> dict:
     return registry[name]
 
 
+def _from_scratch(source: str, registry: dict[str, dict], what: str, make, scratch: dict[str, Any] | None, **extra):
+    """Seeded random model ``make(**size)`` for a ``scratch:NAME`` source, ``scratch`` overriding the size."""
+    spec = _scratch_spec(source, registry, what)
+    allowed = set(inspect.signature(make).parameters) - set(extra)
+    unknown = sorted(set(scratch or {}) - allowed)
+    if unknown:
+        raise ValueError(f"{what} scratch options {unknown} unknown; allowed: {sorted(allowed)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SCRATCH_SEED)
+        return make(**{**spec, **(scratch or {})}, **extra)
+
+
+def _check_scratch(source: str, scratch: dict[str, Any] | None, what: str) -> None:
+    if scratch and not source.startswith(SCRATCH_PREFIX):
+        raise ValueError(f"{what} source {source!r}: size options {scratch} only apply to 'scratch:NAME' sources")
+
+
 def build_blip(source: str, scratch: dict[str, Any] | None = None) -> BlipCaptioner:
     """BLIP captioner from a hub id, a local directory or ``scratch:tiny`` / ``scratch:small`` (random, seeded).
 
@@ -55,38 +72,29 @@ def build_blip(source: str, scratch: dict[str, Any] | None = None) -> BlipCaptio
         scratch: for ``scratch:`` sources, ``make_blip`` arguments that override the registered size (e.g.
             ``{"hidden_size": 96, "patch_size": 16}``); an error for other sources.
     """
-    if scratch and not source.startswith(SCRATCH_PREFIX):
-        raise ValueError(f"BLIP source {source!r}: size options {scratch} only apply to 'scratch:NAME' sources")
+    _check_scratch(source, scratch, "BLIP")
     if source.startswith(SCRATCH_PREFIX):
         from autoseg.models.scratch import make_blip
 
-        spec = _scratch_spec(source, SCRATCH_BLIP, "BLIP")
-        allowed = set(inspect.signature(make_blip).parameters)
-        unknown = sorted(set(scratch or {}) - allowed)
-        if unknown:
-            raise ValueError(f"BLIP scratch options {unknown} unknown; allowed: {sorted(allowed)}")
-        spec = {**spec, **(scratch or {})}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SCRATCH_SEED)
-            model, processor = make_blip(**spec)
-        return BlipCaptioner(model, processor)
+        return BlipCaptioner(*_from_scratch(source, SCRATCH_BLIP, "BLIP", make_blip, scratch))
     return BlipCaptioner.from_pretrained(source)
 
 
-def build_clipseg(source: str, words: Sequence[str] = (), **kwargs) -> CLIPSegSegmenter:
+def build_clipseg(
+    source: str, words: Sequence[str] = (), scratch: dict[str, Any] | None = None, **kwargs
+) -> CLIPSegSegmenter:
     """CLIPSeg segmenter from a hub id, a local directory or ``scratch:NAME`` (random, seeded).
 
     Args:
         source: where the weights come from.
         words: for ``scratch:`` sources, words the from-scratch tokenizer keeps whole (the class names).
+        scratch: for ``scratch:`` sources, ``make_clipseg`` arguments that override the registered size.
         kwargs: ``CLIPSegSegmenter`` options (templates, image_size, ...).
     """
+    _check_scratch(source, scratch, "CLIPSeg")
     if source.startswith(SCRATCH_PREFIX):
         from autoseg.models.scratch import make_clipseg
 
-        spec = _scratch_spec(source, SCRATCH_CLIPSEG, "CLIPSeg")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(SCRATCH_SEED)
-            model, processor = make_clipseg(**spec, words=list(words))
+        model, processor = _from_scratch(source, SCRATCH_CLIPSEG, "CLIPSeg", make_clipseg, scratch, words=list(words))
         return CLIPSegSegmenter(model, processor, **kwargs)
     return CLIPSegSegmenter.from_pretrained(source, **kwargs)

@@ -187,10 +187,15 @@ class CLIPSegSegmenter(Segmenter):
                 self._text_memo.update({n: f.detach() for n, f in fresh.items()})
         return torch.stack([fresh[n] if n in fresh else self._text_memo[n] for n in names])
 
+    def vision_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Hidden states of every CLIP vision layer (embeddings first), each ``B x (1 + N) x D``."""
+        vision = self.model.clip.vision_model(pixel_values, output_hidden_states=True, interpolate_pos_encoding=True)
+        return vision.hidden_states
+
     def encode_image(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """CLIP vision activations at the decoder's extract layers, each ``B x (1 + N) x D``."""
-        vision = self.model.clip.vision_model(pixel_values, output_hidden_states=True, interpolate_pos_encoding=True)
-        return [vision.hidden_states[i + 1] for i in self.model.extract_layers]
+        states = self.vision_states(pixel_values)
+        return [states[i + 1] for i in self.model.extract_layers]
 
     def decode(self, activations: Sequence[torch.Tensor], conditional: torch.Tensor) -> torch.Tensor:
         """Decoder for every (image, name) pair. ``conditional``: ``C x E``. Returns ``B x C x H x W`` logits."""
