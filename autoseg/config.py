@@ -86,13 +86,44 @@ def _plain(x: Any) -> Any:
     return x
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+PRESETS_DIR = Path(__file__).parent / "presets"
+MODEL_PATH_KEYS = (("blip",), ("enhancer",), ("segmenter", "source"))
+
+
+def presets() -> list[str]:
+    """Names of the pipeline presets shipped with the package (``autoseg/presets/NAME.yaml``)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    """The YAML of preset ``name``; an unknown name lists the available ones."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; available: {presets()}")
+    return path
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None, preset: str | None = None
+) -> PipelineConfig:
     """Read a pipeline YAML (a mapping of ``PipelineConfig`` fields) and apply ``overrides`` on top.
+
+    Model paths in a YAML that start with ``./`` or ``../`` are relative to the YAML's folder (so a config can sit
+    next to its weights); any other value is a Hugging Face id or a path as given.
+
+    Args:
+        path: the YAML file (None: defaults).
+        overrides: nested settings applied last (e.g. from command-line flags).
+        preset: a shipped preset name instead of ``path`` (see :func:`presets`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the YAML is not a mapping or has unknown keys.
+        ValueError: the YAML is not a mapping or has unknown keys; unknown preset; both path and preset given.
     """
+    if preset is not None:
+        if path is not None:
+            raise ValueError("give either a config file or a preset, not both")
+        path = preset_path(preset)
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -104,9 +135,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any]
             raise ValueError(f"{p}: not valid YAML ({e})") from e
         if not isinstance(data, dict):
             raise ValueError(f"{p}: expected a mapping of pipeline settings, got {type(data).__name__}")
-        data = data.get("pipeline", data)
+        data = _resolve_model_paths(data.get("pipeline", data), p.resolve().parent)
     data = _merge(data, overrides or {})
     return from_dict(PipelineConfig, data, str(path or "config"))
+
+
+def _resolve_model_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for keys in MODEL_PATH_KEYS:
+        holder = data
+        for k in keys[:-1]:
+            holder = holder.get(k) if isinstance(holder.get(k), dict) else {}
+        value = holder.get(keys[-1])
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            holder[keys[-1]] = str((base / value).resolve())
+    return data
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

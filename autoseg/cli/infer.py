@@ -25,6 +25,11 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags that choose and configure the pipeline (shared by infer.py and eval.py)."""
     g = p.add_argument_group("pipeline")
     g.add_argument("--config", type=Path, metavar="YAML", help="pipeline config (see configs/pipeline/)")
+    g.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="a pipeline shipped with AutoSeg (autoseg/presets/NAME.yaml, models beside it) instead of --config",
+    )
     g.add_argument("--blip", metavar="ID_OR_DIR", help="BLIP captioner: Hugging Face id or local directory")
     g.add_argument("--segmenter", metavar="ID_OR_DIR", help="segmenter weights: Hugging Face id or local directory")
     g.add_argument(
@@ -80,7 +85,7 @@ def unique_stems(found: Sequence[tuple[Path, Path]]) -> list[Path]:
 
 def config_from_args(args: argparse.Namespace):
     """The pipeline config: ``--config`` YAML (or the defaults) with the command-line flags on top."""
-    config = load_config(args.config, overrides_from_args(args))
+    config = load_config(args.config, overrides_from_args(args), preset=args.preset)
     if config.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}")
     return config
