@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers.pre_tokenizers import ByteLevel
+from torch import nn
 from transformers import (
     BertTokenizerFast,
     BlipConfig,
@@ -154,10 +155,23 @@ def make_clipseg(
         use_complex_transposed_convolution=patch_size >= 8,
     )
     model = CLIPSegForImageSegmentation(config).eval()
+    reset_clipseg_decoder(model)
     image_processor = ViTImageProcessor(
         size={"height": image_size, "width": image_size}, image_mean=CLIP_MEAN, image_std=CLIP_STD
     )
     return model, CLIPSegProcessor(image_processor=image_processor, tokenizer=tok)
+
+
+def reset_clipseg_decoder(model: CLIPSegForImageSegmentation) -> None:
+    """Give CLIPSeg's FiLM, reduce and transposed-convolution layers PyTorch's default initialisation.
+
+    transformers initialises them with std 1.0 (pretrained weights always replace it); from scratch that gives logits
+    with a standard deviation in the hundreds, which saturates the loss.
+    """
+    decoder = model.decoder
+    for module in [decoder.film_mul, decoder.film_add, *decoder.reduces, *decoder.transposed_convolution.modules()]:
+        if isinstance(module, nn.Linear | nn.Conv2d | nn.ConvTranspose2d):
+            module.reset_parameters()
 
 
 def save(model, processor, out_dir: str | os.PathLike) -> Path:
