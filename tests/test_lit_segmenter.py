@@ -108,6 +108,11 @@ def test_validation_miou_equals_an_independent_confusion_matrix(tmp_path):
                 union[c] += ((pred == c) | (gt == c)).sum()
     expected = np.mean(inter[union > 0] / union[union > 0])
     assert metrics["val/mIoU"] == pytest.approx(expected, rel=1e-5)
+    for c, name in enumerate(dm.classes):  # per-class IoU logged for every class that occurs
+        if union[c] > 0:
+            assert metrics[f"val/iou/{name}"] == pytest.approx(inter[c] / union[c], rel=1e-5)
+        else:
+            assert f"val/iou/{name}" not in metrics
 
 
 def test_patch_loss_stage_trains_only_the_vision_tower_and_head(batch):

@@ -214,7 +214,11 @@ class SegmenterModule(AutoSegModule):
 
     def _eval_epoch_end(self, stage: str) -> None:
         # DatasetIoU.compute() sums the confusion matrices of all processes: every rank has the same value already
-        self.log(f"{stage}/mIoU", float(self.val_iou.compute()["mIoU"]), prog_bar=True, sync_dist=True)
+        result = self.val_iou.compute()
+        self.log(f"{stage}/mIoU", float(result["mIoU"]), prog_bar=True, sync_dist=True)
+        for name, iou in zip(self.hparams.classes, result["iou"].tolist(), strict=True):
+            if iou == iou:  # NaN: class absent from ground truth and predictions (skipped by the mmseg rule)
+                self.log(f"{stage}/iou/{name}", iou, sync_dist=True)
         self.val_iou.reset()
         if self.patch_head is not None:  # majority class per patch from the auxiliary head
             self.log(f"{stage}/patch_mIoU", float(self.val_patch_iou.compute()["mIoU"]), sync_dist=True)
