@@ -108,9 +108,8 @@ class AutoSegPipeline:
             cap_map = resize_labels(cluster_map, cap_tokens.grid)
             present = torch.unique(cap_map)
             cap_map = torch.searchsorted(present, cap_map)  # clusters too small for the caption grid disappear
-            states = self.captioner.cluster_states(
-                cap_tokens, i, cap_map, self.caption_config.mode, patches[self.caption_index][i]
-            )
+            # captions read BLIP's own tokens: the enhancer only regroups patches, the captioner never saw its output
+            states = self.captioner.cluster_states(cap_tokens, i, cap_map, self.caption_config.mode)
             captions = self.captioner.caption(states, self.caption_config, seed=self.seed)
             areas = torch.bincount(cap_map.flatten(), minlength=len(captions))
             order = torch.argsort(areas, descending=True, stable=True).tolist()  # name big clusters first
