@@ -17,6 +17,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from autoseg.outputs import palette
+from autoseg.utils.io import atomic_write_json
 
 SCHEDULERS = ("cosine", "constant")
 FROZEN_KEY = "autoseg_frozen_prefixes"
@@ -31,6 +32,41 @@ class AutoSegModule(L.LightningModule):
             therefore left out of checkpoints (a BLIP-large checkpoint would otherwise carry 1.8 GB of fixed weights).
         ``export(out, state_dict=None)``: write the trained weights for ``infer.py`` / ``eval.py``.
     """
+
+    # ------------------------------------------------------------------ shared helpers
+    @staticmethod
+    def require_classes(classes: Sequence[str] | None, module: str) -> None:
+        """The class names come from the data (``train.py`` links them); building a module without them is an error."""
+        if not classes:
+            raise ValueError(
+                f"{module} needs the dataset's class names (model.classes); train.py links them from the data "
+                "module, set them explicitly when building the module yourself"
+            )
+
+    def export_pretrained(
+        self,
+        attr: str,
+        out: str | Path,
+        folder: str,
+        state_dict: dict[str, torch.Tensor] | None,
+        info: dict[str, Any],
+    ) -> Path:
+        """``save_pretrained`` ``self.<attr>.model`` + processor into ``out/folder``, with ``autoseg_training.json``.
+
+        ``state_dict``: this module's keys (e.g. a checkpoint's) to export instead of the current weights; keys it lacks
+        (frozen weights left out of checkpoints) keep their current values.
+        """
+        wrapper = getattr(self, attr)
+        target = Path(out) / folder
+        weights = None
+        if state_dict is not None:
+            weights = wrapper.model.state_dict()
+            prefix = f"{attr}.model."
+            weights.update({k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)})
+        wrapper.model.save_pretrained(target, state_dict=weights)
+        wrapper.processor.save_pretrained(target)
+        atomic_write_json(target / "autoseg_training.json", info)
+        return target
 
     # ------------------------------------------------------------------ subclass hooks
     def trainable(self) -> nn.Module:

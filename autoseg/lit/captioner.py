@@ -32,7 +32,6 @@ from autoseg.lit.base import AutoSegModule, normaliser
 from autoseg.lit.grouping import IGNORED, patch_labels
 from autoseg.lit.sources import build_blip
 from autoseg.models.blip import DEFAULT_BLIP, CaptionConfig, ScaleTokens
-from autoseg.utils.io import atomic_write_json
 from autoseg.vocab.nouns import NounConfig, NounExtractor
 
 TRAIN_CAPTION_MODES = ("global", "concat")
@@ -139,11 +138,7 @@ class CaptionerModule(AutoSegModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if not classes:
-            raise ValueError(
-                "CaptionerModule needs the dataset's class names (model.classes); train.py links them from the data "
-                "module, set them explicitly when building the module yourself"
-            )
+        self.require_classes(classes, "CaptionerModule")
         if caption_mode not in TRAIN_CAPTION_MODES:
             raise ValueError(f"caption_mode {caption_mode!r} unknown; choose one of {TRAIN_CAPTION_MODES}")
         unknown = sorted({c for names in (class_groups or {}).values() for c in names} - set(classes))
@@ -423,22 +418,11 @@ class CaptionerModule(AutoSegModule):
                 lacks (a frozen vision encoder left out of checkpoints) keep their current values. The auxiliary
                 head is not exported.
         """
-        target = Path(out) / "blip"
-        weights = None
-        if state_dict is not None:
-            weights = self.blip.model.state_dict()
-            prefix = "blip.model."
-            weights.update({k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)})
-        self.blip.model.save_pretrained(target, state_dict=weights)
-        self.blip.processor.save_pretrained(target)
         hp = self.hparams
-        atomic_write_json(
-            target / "autoseg_training.json",
-            {
-                "classes": list(hp.classes),
-                "prompt": hp.prompt,
-                "caption_mode": hp.caption_mode,
-                "caption_scale": hp.caption_scale,
-            },
-        )
-        return target
+        info = {
+            "classes": list(hp.classes),
+            "prompt": hp.prompt,
+            "caption_mode": hp.caption_mode,
+            "caption_scale": hp.caption_scale,
+        }
+        return self.export_pretrained("blip", out, "blip", state_dict, info)

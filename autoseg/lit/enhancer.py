@@ -94,11 +94,7 @@ class EnhancerModule(AutoSegModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if not classes:
-            raise ValueError(
-                "EnhancerModule needs the dataset's class names (model.classes); train.py links them from the data "
-                "module, set them explicitly when building the module yourself"
-            )
+        self.require_classes(classes, "EnhancerModule")
         if cluster_mode not in CLUSTER_MODES:
             raise ValueError(f"cluster_mode {cluster_mode!r} unknown; choose one of {CLUSTER_MODES}")
         self.blip = build_blip(blip)

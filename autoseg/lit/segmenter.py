@@ -20,7 +20,6 @@ from autoseg.lit.grouping import IGNORED, patch_labels
 from autoseg.lit.sources import build_clipseg
 from autoseg.metrics import DatasetIoU
 from autoseg.models.segmenter import DEFAULT_CLIPSEG, DEFAULT_TEMPLATES
-from autoseg.utils.io import atomic_write_json
 
 LOSSES = ("ce", "bce", "ce+bce")
 
@@ -74,11 +73,7 @@ class SegmenterModule(AutoSegModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if not classes:
-            raise ValueError(
-                "SegmenterModule needs the dataset's class names (model.classes); train.py links them from the data "
-                "module, set them explicitly when building the module yourself"
-            )
+        self.require_classes(classes, "SegmenterModule")
         if loss not in LOSSES:
             raise ValueError(f"loss {loss!r} unknown; choose one of {LOSSES}")
         if class_weights is not None and len(class_weights) != len(classes):
@@ -250,16 +245,5 @@ class SegmenterModule(AutoSegModule):
             state_dict: this module's keys (e.g. a checkpoint's) to export instead of the current weights; keys it
                 lacks (frozen weights left out of checkpoints) keep their current values.
         """
-        target = Path(out) / "segmenter"
-        weights = None
-        if state_dict is not None:
-            weights = self.segmenter.model.state_dict()
-            prefix = "segmenter.model."
-            weights.update({k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)})
-        self.segmenter.model.save_pretrained(target, state_dict=weights)
-        self.segmenter.processor.save_pretrained(target)
-        atomic_write_json(
-            target / "autoseg_training.json",
-            {"classes": list(self.hparams.classes), "templates": list(self.segmenter.templates)},
-        )
-        return target
+        info = {"classes": list(self.hparams.classes), "templates": list(self.segmenter.templates)}
+        return self.export_pretrained("segmenter", out, "segmenter", state_dict, info)
