@@ -148,6 +148,32 @@ def test_auxiliary_head_and_frozen_vision(caption_batch):
     assert m.frozen_prefixes() == ("blip.model.vision_model.",)
 
 
+def test_vision_only_stage_trains_the_encoder_and_head_but_not_the_decoder(caption_batch):
+    m = module(aux_weight=1.0, lm_weight=0.0)
+    m.train()
+    losses = m._step(caption_batch)[0]
+    assert set(losses) == {"aux_loss", "loss"}
+    losses["loss"].backward()
+    assert m.blip.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    assert m.aux_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.blip.model.text_decoder.parameters())
+    m.eval()
+    with torch.no_grad():
+        losses, (regions, states) = m._step(caption_batch)
+        logits = m.aux_head(m(caption_batch["image"]).patches)
+    assert regions == [] and states == []
+    # the accuracy recomputed from the head's own predictions and the naive majority labels of the masks
+    patch = m.blip.patch_size
+    labels = torch.stack([torch.from_numpy(naive_majority(mk.numpy(), patch)).flatten() for mk in caption_batch["mask"]])
+    scored = labels >= 0
+    expected = (logits.argmax(-1) == labels)[scored].float().mean()
+    torch.testing.assert_close(losses["patch_acc"], expected)
+    with pytest.raises(ValueError, match="set aux_weight > 0"):
+        module(aux_weight=0.0, lm_weight=0.0)
+    with pytest.raises(ValueError, match="freeze_vision false"):
+        module(aux_weight=1.0, lm_weight=0.0, freeze_vision=True)
+
+
 def test_export_from_a_checkpoint_state_keeps_frozen_weights_and_drops_the_head(tmp_path):
     m = module(aux_weight=1.0, freeze_vision=True)
     state = {k: v.clone() for k, v in m.state_dict().items() if not k.startswith("blip.model.vision_model.")}

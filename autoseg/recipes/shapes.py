@@ -3,14 +3,21 @@
 ``python -m autoseg.recipes.shapes --out runs/shapes`` runs, in order (each stage a ``train.py`` run with a config
 of ``configs/experiment/shapes/``, so every setting is in YAML and TensorBoard shows every curve):
 
-1. ``captioner``: a small BLIP trained on region captions (it names the clusters);
-2. ``segmenter_stage1``: a small CLIPSeg vision tower trained with the per-patch class loss only (cheap);
-3. ``segmenter_stage2``: the whole CLIPSeg (decoder and text tower too) on top of stage 1;
-4. ``enhancer``: the embedding-enhancer head on the captioner's tokens;
-5. ``assemble``: the exports copied into one folder with a pipeline YAML (``--ship`` writes it to the package as the
+1. ``data``: the ShapesWorld training set (generated once into a cache folder);
+2. ``captioner_stage1``: a small BLIP vision encoder trained with the per-patch class loss only (cheap);
+3. ``captioner_stage2``: the BLIP trained on region captions on top of stage 1 (it names the clusters);
+4. ``segmenter_stage1``: a small CLIPSeg vision tower trained with the per-patch class loss only;
+5. ``segmenter_stage2``: the whole CLIPSeg (decoder and text tower too) on top of stage 1;
+6. ``enhancer``: the embedding-enhancer head on the captioner's tokens;
+7. ``assemble``: the exports copied into one folder with a pipeline YAML (``--ship`` writes it to the package as the
    ``demo`` preset: ``infer.py --preset demo``);
-6. ``evaluate``: ``eval.py`` on a freshly generated held-out ShapesWorld set (seed never used in training) with the
+8. ``evaluate``: ``eval.py`` on a freshly generated held-out ShapesWorld set (seed never used in training) with the
    embedding mapper, and the enhancer's cluster mIoU against the identity head on that set.
+
+The training data are generated once first (``data``). Captioner and segmenter do not depend on each other, so the
+two lanes ``captioner_stage1 -> captioner_stage2 -> enhancer`` and ``segmenter_stage1 -> segmenter_stage2`` run side
+by side (``--jobs 2``, the default: one process per lane, the CPU threads split between them); ``--jobs 1`` runs the
+stages one after another. Each stage's output goes to ``OUT/logs/STAGE.log``.
 
 ``--scale 0.01`` shortens every stage (a smoke run); ``--from STAGE`` resumes after finished stages. Timings and
 figures go to ``OUT/recipe.json``.
@@ -20,21 +27,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import yaml
 
 from autoseg.utils.io import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "experiment" / "shapes"
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
-STAGES = ("captioner", "segmenter_stage1", "segmenter_stage2", "enhancer", "assemble", "evaluate")
+STAGES = (
+    "data",
+    "captioner_stage1",
+    "captioner_stage2",
+    "segmenter_stage1",
+    "segmenter_stage2",
+    "enhancer",
+    "assemble",
+    "evaluate",
+)
+# Training stages that depend on each other only within a lane; the lanes run side by side.
+LANES = (("captioner_stage1", "captioner_stage2", "enhancer"), ("segmenter_stage1", "segmenter_stage2"))
 HELDOUT_SEED = 424242  # never used for training data (training uses seed 1)
-TRAIN_STEPS = {"captioner": 2100, "segmenter_stage1": 2500, "segmenter_stage2": 1500, "enhancer": 1500}
+TRAIN_STEPS = {
+    "captioner_stage1": 3000,
+    "captioner_stage2": 2500,
+    "segmenter_stage1": 4000,
+    "segmenter_stage2": 3000,
+    "enhancer": 1500,
+}
 
 # The pipeline the shipped models are meant for (paths are filled in by ``assemble``).
 DEMO_PIPELINE = {
@@ -56,19 +85,50 @@ def export_dir(out: Path, stage: str, kind: str) -> Path:
     return path
 
 
-def train(out: Path, stage: str, config: str, scale: float, extra: Sequence[str] = ()) -> None:
-    """One ``train.py fit`` run into ``out/stage`` (a fresh folder)."""
+def small_data(scale: float) -> dict:
+    """ShapesWorld overrides of a shortened run (``--scale`` below 1): a small dataset."""
+    return {"n_train": 64, "n_val": 8} if scale < 1 else {}
+
+
+def train(out: Path, stage: str, scale: float, extra: Sequence[str] = (), threads: int | None = None) -> None:
+    """One ``train.py fit`` run of ``configs/experiment/shapes/STAGE.yaml`` into ``out/STAGE`` (a fresh folder);
+    its output goes to ``out/logs/STAGE.log``."""
     root = out / stage
     shutil.rmtree(root, ignore_errors=True)
     steps = max(4, round(TRAIN_STEPS[stage] * scale))
-    args = [sys.executable, str(REPO / "train.py"), "fit", "-c", str(CONFIGS / config)]
+    args = [sys.executable, str(REPO / "train.py"), "fit", "-c", str(CONFIGS / f"{stage}.yaml")]
     args += [f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}"]
     if scale < 1:
-        every = max(2, steps // 2)
-        args += [f"--trainer.val_check_interval={every}", "--data.shapesworld.n_train=64", "--data.shapesworld.n_val=8"]
+        args += [f"--trainer.val_check_interval={max(2, steps // 2)}"]
+        args += [f"--data.shapesworld.{k}={v}" for k, v in small_data(scale).items()]
     args += list(extra)
-    print(f"[recipe] {stage}: {' '.join(args[1:])}", flush=True)
-    subprocess.run(args, check=True)
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads: the lanes share the cores
+    log = out / "logs" / f"{stage}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[recipe] {stage}: started ({steps} steps), log {log}", flush=True)
+    with open(log, "w", encoding="utf-8") as f:
+        f.write(" ".join(args[1:]) + "\n")
+        f.flush()
+        code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if code:
+        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"stage {stage} failed (exit {code}); the end of {log}:\n{tail}")
+
+
+def prepare_data(scale: float, workers: int) -> Path:
+    """Generate the ShapesWorld train/val folders the training configs use (once; all four must agree)."""
+    from autoseg.data.datamodules import ShapesWorldSpec, prepare_shapesworld
+
+    specs = {}
+    for stage in TRAIN_STEPS:
+        data = yaml.safe_load((CONFIGS / f"{stage}.yaml").read_text(encoding="utf-8"))["data"]["shapesworld"]
+        specs[stage] = ShapesWorldSpec(**(data | small_data(scale)))
+    folders = {stage: spec.folder() for stage, spec in specs.items()}
+    if len(set(folders.values())) != 1:
+        raise ValueError(f"the recipe configs describe different ShapesWorld data: {folders}; make them agree")
+    return prepare_shapesworld(next(iter(specs.values())), workers=workers)
 
 
 def assemble(out: Path, ship: bool) -> Path:
@@ -76,7 +136,7 @@ def assemble(out: Path, ship: bool) -> Path:
     target = PRESET_DIR / "demo" if ship else out / "demo"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    shutil.copytree(export_dir(out, "captioner", "blip"), target / "blip")
+    shutil.copytree(export_dir(out, "captioner_stage2", "blip"), target / "blip")
     shutil.copytree(export_dir(out, "segmenter_stage2", "segmenter"), target / "segmenter")
     shutil.copy2(export_dir(out, "enhancer", "enhancer.safetensors"), target / "enhancer.safetensors")
     pipeline = {"blip": "./demo/blip", "enhancer": "./demo/enhancer.safetensors", **DEMO_PIPELINE}
@@ -134,7 +194,7 @@ def evaluate(out: Path, preset_yaml: Path, n: int) -> dict:
         "validate",
         "-c",
         str(CONFIGS / "enhancer.yaml"),
-        f"--model.init_args.blip={export_dir(out, 'captioner', 'blip')}",
+        f"--model.init_args.blip={export_dir(out, 'captioner_stage2', 'blip')}",
         f"--ckpt_path={ckpts[-1]}",
         f"--trainer.default_root_dir={out / 'eval' / 'enhancer'}",
         f"--data.val.root={heldout}",
@@ -162,43 +222,63 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the training steps (0.01: smoke run)")
     p.add_argument("--ship", action="store_true", help="write the models to the package as the 'demo' preset")
     p.add_argument("--heldout", type=int, default=200, help="held-out images to score")
+    p.add_argument("--jobs", type=int, default=2, help="training lanes run at once (1: one stage after another)")
     args = p.parse_args(argv)
     if not CONFIGS.is_dir():
         p.error(f"{CONFIGS} not found: the recipe runs from a checkout of the AutoSeg repository")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: need at least 1")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "recipe.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {"seconds": {}}
-    plan = {
-        "captioner": lambda: train(out, "captioner", "captioner.yaml", args.scale),
-        "segmenter_stage1": lambda: train(out, "segmenter_stage1", "segmenter_stage1.yaml", args.scale),
-        "segmenter_stage2": lambda: train(
-            out,
-            "segmenter_stage2",
-            "segmenter_stage2.yaml",
-            args.scale,
-            [f"--model.init_args.segmenter={export_dir(out, 'segmenter_stage1', 'segmenter')}"],
-        ),
-        "enhancer": lambda: train(
-            out,
-            "enhancer",
-            "enhancer.yaml",
-            args.scale,
-            [f"--model.init_args.blip={export_dir(out, 'captioner', 'blip')}"],
-        ),
-        "assemble": lambda: log.update(preset=str(assemble(out, args.ship))),
-        "evaluate": lambda: log.update(evaluation=evaluate(out, Path(log["preset"]), args.heldout)),
+    lock = threading.Lock()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // min(args.jobs, len(LANES)))
+    extra = {
+        "segmenter_stage2": lambda: [f"--model.init_args.segmenter={export_dir(out, 'segmenter_stage1', 'segmenter')}"],
+        "captioner_stage2": lambda: [f"--model.init_args.blip={export_dir(out, 'captioner_stage1', 'blip')}"],
+        "enhancer": lambda: [f"--model.init_args.blip={export_dir(out, 'captioner_stage2', 'blip')}"],
     }
-    for stage in STAGES[STAGES.index(args.start) :]:
+    todo = STAGES[STAGES.index(args.start) :]
+
+    def timed(stage: str, fn: Callable[[], object]) -> None:
         t0 = time.perf_counter()
-        plan[stage]()
-        log["seconds"][stage] = round(time.perf_counter() - t0, 1)
+        fn()
+        with lock:
+            log["seconds"][stage] = round(time.perf_counter() - t0, 1)
+            atomic_write_json(log_path, log)
+        print(f"[recipe] {stage}: done in {log['seconds'][stage] / 60:.1f} min", flush=True)
+
+    def lane(stages: Sequence[str]) -> None:
+        for stage in stages:
+            if stage in todo:
+                timed(stage, lambda s=stage: train(out, s, args.scale, extra.get(s, list)(), threads))
+
+    t_start = time.perf_counter()
+    if "data" in todo:
+        timed("data", lambda: prepare_data(args.scale, workers=cores))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        failures = [f.exception() for f in [pool.submit(lane, stages) for stages in LANES]]
+    failures = [e for e in failures if e is not None]
+    if failures:
+        for e in failures:
+            print(f"[recipe] {e}", file=sys.stderr)
+        return 1
+    if "assemble" in todo:
+        timed("assemble", lambda: log.update(preset=str(assemble(out, args.ship))))
+    if "evaluate" in todo:
+        timed("evaluate", lambda: log.update(evaluation=evaluate(out, Path(log["preset"]), args.heldout)))
+    with lock:
+        log["wall_minutes"] = round((time.perf_counter() - t_start) / 60, 1)
+        log["jobs"] = args.jobs
         atomic_write_json(log_path, log)
-    train_minutes = sum(v for k, v in log["seconds"].items() if k in TRAIN_STEPS) / 60
-    print(f"[recipe] training took {train_minutes:.1f} min; summary in {log_path}")
+    print(f"[recipe] {log['wall_minutes']:.1f} min wall-clock ({args.jobs} lanes at once); summary in {log_path}")
     if "evaluation" in log:
         ev = log["evaluation"]
         print(f"[recipe] held-out mIoU {ev['mIoU']:.1f}; cluster mIoU {ev['cluster_mIoU']}")
+        per_class = ", ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in ev["per_class"].items())
+        print(f"[recipe] per-class IoU: {per_class}")
     return 0
 
 
