@@ -164,7 +164,7 @@ def test_vision_only_stage_trains_the_encoder_and_head_but_not_the_decoder(capti
     assert regions == [] and states == []
     # the accuracy recomputed from the head's own predictions and the naive majority labels of the masks
     patch = m.blip.patch_size
-    labels = torch.stack([torch.from_numpy(naive_majority(mk.numpy(), patch)).flatten() for mk in caption_batch["mask"]])
+    labels = torch.stack([torch.from_numpy(naive_majority(mk.numpy(), patch)).ravel() for mk in caption_batch["mask"]])
     scored = labels >= 0
     expected = (logits.argmax(-1) == labels)[scored].float().mean()
     torch.testing.assert_close(losses["patch_acc"], expected)

@@ -72,6 +72,9 @@ def test_untrained_head_scores_exactly_the_identity_baseline(tmp_path):
     assert 0.05 < metrics["val/cluster_mIoU"] <= 1.0
     assert metrics["val/cluster_mIoU"] == metrics["val/cluster_mIoU_identity"]
     assert module.identity_miou == pytest.approx(metrics["val/cluster_mIoU_identity"])  # kept for later epochs
+    module.identity_miou = 0.123  # as loaded from a checkpoint of a run on other data: validate recomputes it
+    (metrics,) = trainer.validate(module, datamodule=dm, verbose=False)
+    assert metrics["val/cluster_mIoU_identity"] == metrics["val/cluster_mIoU"] != 0.123
 
 
 def test_module_needs_class_names():

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 
 from autoseg.lit.base import AutoSegModule, colourise, normaliser, to_uint8
 from autoseg.lit.grouping import IGNORED, match_clusters, patch_labels, supervised_contrastive
@@ -190,7 +191,10 @@ class EnhancerModule(AutoSegModule):
         return match_clusters(up, target, len(hp.classes), hp.ignore_index)
 
     def on_validation_epoch_start(self) -> None:
-        self._identity_now = self.identity_miou is None and not self.trainer.sanity_checking
+        # cached while fitting (the same validation set every epoch); `train.py validate` may score another set or
+        # image size than the checkpoint's run, so it always recomputes the identity figure on its own data
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        self._identity_now = not self.trainer.sanity_checking and (self.identity_miou is None or not fitting)
 
     def on_test_epoch_start(self) -> None:
         self._identity_now = True

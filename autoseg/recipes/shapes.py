@@ -295,7 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"[recipe] {log['wall_minutes']:.1f} min wall-clock ({args.jobs} lanes at once); summary in {log_path}")
     if "evaluation" in log:
         ev = log["evaluation"]
-        print(f"[recipe] held-out mIoU {ev['mIoU']:.1f}; cluster mIoU {ev['cluster_mIoU']}")
+        cluster = ev["cluster_mIoU"]
+        print(
+            f"[recipe] held-out mIoU {ev['mIoU']:.1f}; enhancer cluster mIoU "
+            f"{100 * cluster['val/cluster_mIoU']:.1f} (identity head {100 * cluster['val/cluster_mIoU_identity']:.1f})"
+        )
         per_class = ", ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in ev["per_class"].items())
         print(f"[recipe] per-class IoU: {per_class}")
     return 0
