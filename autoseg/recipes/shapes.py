@@ -207,25 +207,29 @@ def evaluate(out: Path, preset_yaml: Path, n: int) -> dict:
     )
     figures = json.loads(report.read_text())
     ckpts = sorted((out / "enhancer" / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
-    validate = [
-        sys.executable,
-        str(REPO / "train.py"),
-        "validate",
-        "-c",
-        str(CONFIGS / "enhancer.yaml"),
-        f"--model.init_args.blip={export_dir(out, 'captioner_stage2', 'blip')}",
-        f"--ckpt_path={ckpts[-1]}",
-        f"--trainer.default_root_dir={out / 'eval' / 'enhancer'}",
-        f"--data.val.root={heldout}",
-        "--data.val.dataset=folder",
-        "--data.shapesworld=null",
-    ]
-    result = subprocess.run(validate, check=True, capture_output=True, text=True)
     cluster = {}
-    for line in result.stdout.splitlines():
-        for key in ("val/cluster_mIoU_identity", "val/cluster_mIoU"):
-            if f" {key} " in line and key not in cluster:
-                cluster[key] = float(line.split("│")[2])
+    for size in DEMO_PIPELINE["scales"]:  # the enhancer serves BBoost at every clustering scale of the pipeline
+        validate = [
+            sys.executable,
+            str(REPO / "train.py"),
+            "validate",
+            "-c",
+            str(CONFIGS / "enhancer.yaml"),
+            f"--model.init_args.blip={export_dir(out, 'captioner_stage2', 'blip')}",
+            f"--ckpt_path={ckpts[-1]}",
+            f"--trainer.default_root_dir={out / 'eval' / f'enhancer_{size}'}",
+            f"--data.val.root={heldout}",
+            "--data.val.dataset=folder",
+            "--data.shapesworld=null",
+            f"--data.image_size={size}",
+        ]
+        result = subprocess.run(validate, check=True, capture_output=True, text=True)
+        found = {}
+        for line in result.stdout.splitlines():
+            for key, name in (("val/cluster_mIoU_identity", "identity"), ("val/cluster_mIoU", "enhanced")):
+                if f" {key} " in line and name not in found:
+                    found[name] = 100 * float(line.split("│")[2])
+        cluster[str(size)] = found
     return {
         "mIoU": figures["mIoU"],
         "per_class": figures["per_class"],
@@ -289,17 +293,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "evaluate" in todo:
         timed("evaluate", lambda: log.update(evaluation=evaluate(out, Path(log["preset"]), args.heldout)))
     with lock:
-        log["wall_minutes"] = round((time.perf_counter() - t_start) / 60, 1)
-        log["jobs"] = args.jobs
+        wall = round((time.perf_counter() - t_start) / 60, 1)
+        log.setdefault("runs", []).append({"from": args.start, "jobs": args.jobs, "wall_minutes": wall})
         atomic_write_json(log_path, log)
-    print(f"[recipe] {log['wall_minutes']:.1f} min wall-clock ({args.jobs} lanes at once); summary in {log_path}")
+    print(f"[recipe] {wall:.1f} min wall-clock from {args.start} ({args.jobs} lanes at once); summary in {log_path}")
     if "evaluation" in log:
         ev = log["evaluation"]
-        cluster = ev["cluster_mIoU"]
-        print(
-            f"[recipe] held-out mIoU {ev['mIoU']:.1f}; enhancer cluster mIoU "
-            f"{100 * cluster['val/cluster_mIoU']:.1f} (identity head {100 * cluster['val/cluster_mIoU_identity']:.1f})"
-        )
+        print(f"[recipe] held-out mIoU {ev['mIoU']:.1f}")
+        for size, c in ev["cluster_mIoU"].items():
+            print(f"[recipe] cluster mIoU at {size} px: enhancer {c['enhanced']:.1f}, identity {c['identity']:.1f}")
         per_class = ", ".join(f"{k} {'-' if v is None else f'{v:.1f}'}" for k, v in ev["per_class"].items())
         print(f"[recipe] per-class IoU: {per_class}")
     return 0
