@@ -1,6 +1,7 @@
 """EnhancerModule: overfits one batch, keeps BLIP frozen, lean checkpoints, identity baseline of the cluster mIoU."""
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
@@ -82,3 +83,24 @@ def test_module_needs_class_names():
         EnhancerModule(blip="scratch:tiny")
     with pytest.raises(ValueError, match="unknown scratch size 'huge'"):
         EnhancerModule(blip="scratch:huge", classes=CLASSES)
+
+
+def test_per_image_contrast_averages_the_loss_of_each_image():
+    from test_lit_grouping import naive_supcon
+
+    classes = ["a", "b", "c"]
+    module = EnhancerModule(blip="scratch:tiny", classes=classes, contrast="image", keep_weight=0.0, temperature=0.5)
+    rng = np.random.default_rng(0)
+    enhanced = torch.as_tensor(rng.normal(size=(2, 6, 4)))
+    labels = torch.tensor([[0, 0, 1, 1, -1, 2], [2, 2, 2, 0, 1, 1]])
+    got = module.loss(enhanced, enhanced, labels)["group"]
+    per_image = [
+        naive_supcon(enhanced[b][labels[b] >= 0].numpy(), labels[b][labels[b] >= 0].numpy(), 0.5) for b in (0, 1)
+    ]
+    assert got.item() == pytest.approx(np.mean(per_image), rel=1e-5)
+    batch = EnhancerModule(blip="scratch:tiny", classes=classes, keep_weight=0.0, temperature=0.5)
+    flat = labels.reshape(-1) >= 0
+    expected_batch = naive_supcon(enhanced.reshape(-1, 4)[flat].numpy(), labels.reshape(-1)[flat].numpy(), 0.5)
+    assert batch.loss(enhanced, enhanced, labels)["group"].item() == pytest.approx(expected_batch, rel=1e-5)
+    with pytest.raises(ValueError, match="contrast 'pixel' unknown"):
+        EnhancerModule(blip="scratch:tiny", classes=classes, contrast="pixel")

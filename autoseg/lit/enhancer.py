@@ -1,8 +1,9 @@
 """EnhancerModule: train the embedding-enhancer head on frozen BLIP patch tokens with segmentation masks.
 
 Objective: tokens of the same ground-truth class attract and others repel (supervised contrastive loss on the
-enhanced tokens of patches whose majority class is known), plus ``keep_weight`` times the relative squared change of
-the tokens, so that the enhanced tokens stay usable for cluster captioning.
+enhanced tokens of patches whose majority class is known, over the whole batch or within each image), plus
+``keep_weight`` times the relative squared change of the tokens, so that the enhanced tokens stay usable for cluster
+captioning.
 
 Validation figure ``val/cluster_mIoU``: each image's enhanced tokens are clustered (k-means with k = the number of
 ground-truth classes in the image, or the full BBoost), clusters are Hungarian-matched to the ground-truth classes
@@ -28,6 +29,7 @@ from autoseg.models.enhancer import EmbeddingEnhancer, EnhancerConfig, save_enha
 from autoseg.vocab.bboost import BBoost, BBoostConfig, kmeans
 
 CLUSTER_MODES = ("oracle_k", "bboost")
+CONTRAST_MODES = ("batch", "image")
 IDENTITY_KEY = "autoseg_cluster_miou_identity"
 
 
@@ -46,6 +48,9 @@ class EnhancerModule(AutoSegModule):
         head_pos_dim: sine position-code channels given to the head (0: none).
         temperature: supervised contrastive temperature.
         keep_weight: weight of the relative squared change of the tokens.
+        contrast: "batch" (every labelled patch of the batch is a positive or negative of every other) or "image"
+            (only patches of the same image, as BBoost clusters each image on its own; the loss is averaged over
+            images).
         max_patches: patches sampled per batch for the contrastive loss (memory is quadratic in it).
         max_ignore: a patch with more unscored pixels than this fraction gets no label.
         cluster_mode: "oracle_k" (k-means, k = ground-truth classes in the image) or "bboost" (the pipeline's
@@ -77,6 +82,7 @@ class EnhancerModule(AutoSegModule):
         head_pos_dim: int = 64,
         temperature: float = 0.1,
         keep_weight: float = 1.0,
+        contrast: str = "batch",
         max_patches: int = 4096,
         max_ignore: float = 0.5,
         cluster_mode: str = "oracle_k",
@@ -96,6 +102,8 @@ class EnhancerModule(AutoSegModule):
         super().__init__()
         self.save_hyperparameters()
         self.require_classes(classes, "EnhancerModule")
+        if contrast not in CONTRAST_MODES:
+            raise ValueError(f"contrast {contrast!r} unknown; choose one of {CONTRAST_MODES}")
         if cluster_mode not in CLUSTER_MODES:
             raise ValueError(f"cluster_mode {cluster_mode!r} unknown; choose one of {CLUSTER_MODES}")
         self.blip = build_blip(blip)
@@ -150,13 +158,23 @@ class EnhancerModule(AutoSegModule):
     # ------------------------------------------------------------------ objective
     def loss(self, tokens: torch.Tensor, enhanced: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Grouping + keep terms. ``tokens``/``enhanced``: ``B x N x D``; ``labels``: ``B x N`` (-1 = ignored)."""
-        flat_labels = labels.reshape(-1)
-        valid = (flat_labels != IGNORED).nonzero()[:, 0]
-        if valid.numel() > self.hparams.max_patches:
-            valid = valid[torch.randperm(valid.numel(), device=valid.device)[: self.hparams.max_patches]]
-        group = supervised_contrastive(
-            enhanced.reshape(-1, enhanced.shape[-1])[valid], flat_labels[valid], self.hparams.temperature
-        )
+        hp = self.hparams
+        if hp.contrast == "image":
+            terms = [
+                supervised_contrastive(
+                    enhanced[b][labels[b] != IGNORED], labels[b][labels[b] != IGNORED], hp.temperature
+                )
+                for b in range(labels.shape[0])
+            ]
+            group = torch.stack(terms).mean()
+        else:
+            flat_labels = labels.reshape(-1)
+            valid = (flat_labels != IGNORED).nonzero()[:, 0]
+            if valid.numel() > hp.max_patches:
+                valid = valid[torch.randperm(valid.numel(), device=valid.device)[: hp.max_patches]]
+            group = supervised_contrastive(
+                enhanced.reshape(-1, enhanced.shape[-1])[valid], flat_labels[valid], hp.temperature
+            )
         keep = (enhanced - tokens).pow(2).sum(-1).mean() / tokens.pow(2).sum(-1).mean().clamp_min(1e-12)
         return {"loss": group + self.hparams.keep_weight * keep, "group": group, "keep": keep}
 
