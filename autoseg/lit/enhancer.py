@@ -160,12 +160,9 @@ class EnhancerModule(AutoSegModule):
         """Grouping + keep terms. ``tokens``/``enhanced``: ``B x N x D``; ``labels``: ``B x N`` (-1 = ignored)."""
         hp = self.hparams
         if hp.contrast == "image":
-            terms = [
-                supervised_contrastive(
-                    enhanced[b][labels[b] != IGNORED], labels[b][labels[b] != IGNORED], hp.temperature
-                )
-                for b in range(labels.shape[0])
-            ]
+            scored = labels != IGNORED
+            per_image = zip(enhanced, labels, scored, strict=True)
+            terms = [supervised_contrastive(e[m], lab[m], hp.temperature) for e, lab, m in per_image]
             group = torch.stack(terms).mean()
         else:
             flat_labels = labels.reshape(-1)
@@ -176,7 +173,7 @@ class EnhancerModule(AutoSegModule):
                 enhanced.reshape(-1, enhanced.shape[-1])[valid], flat_labels[valid], hp.temperature
             )
         keep = (enhanced - tokens).pow(2).sum(-1).mean() / tokens.pow(2).sum(-1).mean().clamp_min(1e-12)
-        return {"loss": group + self.hparams.keep_weight * keep, "group": group, "keep": keep}
+        return {"loss": group + hp.keep_weight * keep, "group": group, "keep": keep}
 
     def _step(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, tuple]:
         tokens, enhanced, grid = self(batch["image"])
