@@ -16,6 +16,7 @@ IoU bars); scalars in TensorBoard with ``--tensorboard DIR``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -33,8 +34,8 @@ from autoseg.data.datasets import DATASETS, SegmentationDataset, build_dataset
 from autoseg.lave import MappingError, add_mapper_args, mapper_from_args
 from autoseg.metrics import ABSENT_RULES, DatasetIoU, to_dataset_ids
 from autoseg.models.loading import ModelLoadError
-from autoseg.outputs import read_prediction
-from autoseg.utils.io import atomic_write, atomic_write_json, atomic_write_text
+from autoseg.outputs import RunManifest, prediction_files, read_prediction
+from autoseg.utils.io import atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 
 MISSING_POLICIES = ("miss", "error")
 MAX_BARS = 150
@@ -51,15 +52,18 @@ class NameMapper(Protocol):
 def read_vocabulary(pred_dir: str | Path, stem: str) -> list[str] | None:
     """The vocabulary of prediction ``stem`` from its JSON, or None when the prediction is absent.
 
+    The JSON is the last file infer.py writes for an image: a PNG without it is what a killed run leaves, and counts
+    as no prediction.
+
     Raises:
         ValueError: the JSON exists but is malformed, or its PNG is missing.
     """
-    base = Path(pred_dir) / stem
-    js, png = base.with_name(base.name + ".json"), base.with_name(base.name + ".png")
-    if not js.is_file() and not png.is_file():
+    files = prediction_files(pred_dir, stem)
+    js, png = files["record"], files["label_map"]
+    if not js.is_file():
         return None
-    if not (js.is_file() and png.is_file()):
-        raise ValueError(f"{base}: prediction incomplete, expected both {png.name} and {js.name} (infer.py output)")
+    if not png.is_file():
+        raise ValueError(f"{png}: prediction incomplete, {js.name} exists but its label map is missing")
     try:
         vocabulary = json.loads(js.read_text(encoding="utf-8"))["vocabulary"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -275,32 +279,56 @@ def build_parser() -> argparse.ArgumentParser:
     return add_mapper_args(p)  # --mapper exact|embedding|llm, --mapper-cache, --embedding-*, --llm-*
 
 
-def run_pipeline_mode(args: argparse.Namespace, dataset: SegmentationDataset) -> Path:
+def prediction_dir(args: argparse.Namespace) -> Path:
+    """Pipeline mode's prediction folder: ``--save-predictions``, default ``<report>_predictions/``."""
+    report = Path(args.report)
+    return Path(args.save_predictions or report.with_name(report.stem + "_predictions"))
+
+
+def run_pipeline_mode(args: argparse.Namespace, dataset: SegmentationDataset, config, run: RunManifest) -> Path:
     """Mode (a): run the inference pipeline on the dataset's images, writing infer.py outputs to a folder.
 
-    The folder (``--save-predictions``, default ``<report>_predictions/``) is then scored like ``--predictions``;
-    with ``--skip-existing`` an interrupted run resumes where it stopped. Returns the folder.
+    The folder (``run.out_dir``, see :func:`prediction_dir`) is then scored like ``--predictions``; with
+    ``--skip-existing`` an interrupted run resumes where it stopped. Returns the folder.
     """
-    from autoseg.cli.infer import build_pipeline, config_from_args, predict_files
+    from autoseg.cli.infer import build_pipeline, predict_files
 
-    report = Path(args.report)
-    pred_dir = Path(args.save_predictions or report.with_name(report.stem + "_predictions"))
-    config = config_from_args(args)
     pipeline = build_pipeline(config)
     files = [(Path(s.image), Path(s.name)) for s in dataset.samples]
     entries = predict_files(
         pipeline,
         files,
-        pred_dir,
+        run.out_dir,
         config.batch_size,
         args.skip_existing,
-        {"config": to_dict(config)},
         progress=not args.no_progress,
+        max_pixels=args.max_pixels,
+        run=run,
     )
     failed = [e for e in entries if e["status"] != "ok"]
     if failed:  # scored as missing predictions, and listed in the report
         print(f"eval.py: {len(failed)} images could not be segmented, e.g. {failed[0].get('reason')}", file=sys.stderr)
-    return pred_dir
+    return run.out_dir
+
+
+def _usage_checks(args: argparse.Namespace, stack: contextlib.ExitStack):
+    """What can be checked before data or models load: numbers, the pipeline config, writable output folders.
+
+    Returns the pipeline config and the entered prediction-folder :class:`RunManifest` (both None with
+    ``--predictions``). Raises ValueError (or ``ModelLoadError``/``OSError``) with a one-line message.
+    """
+    from autoseg.cli.infer import config_from_args
+
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels must be a positive number of pixels, got {args.max_pixels}")
+    prepare_output_dir(Path(args.report).resolve().parent, "report folder")
+    if args.predictions is not None:
+        return None, None
+    config = config_from_args(args)
+    out_dir = prepare_output_dir(prediction_dir(args), "predictions folder")
+    return config, stack.enter_context(RunManifest(out_dir, {"config": to_dict(config)}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,28 +338,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
-    if args.limit is not None and args.limit < 1:
-        parser.print_usage(sys.stderr)
-        print(f"eval.py: error: --limit must be a positive number of images, got {args.limit}", file=sys.stderr)
-        return 2
-    try:
-        dataset = build_dataset(args.dataset, args.root, split=args.split, limit=args.limit)
-        mapper = mapper_from_args(args)
-        pred_dir = args.predictions
-        if pred_dir is None:
-            pred_dir = run_pipeline_mode(args, dataset)
-        report = evaluate_predictions(
-            pred_dir, dataset, mapper, args.absent_rule, args.missing, not args.no_progress, args.mapper
-        )
-        paths = write_reports(report, args.report)
-        if args.tensorboard:
-            log_tensorboard(report, args.tensorboard)
-    except ModelLoadError as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, MappingError) as e:  # data, files, or a failed LAVE backend: one line, exit 1
-        print(f"eval.py: error: {e}", file=sys.stderr)
-        return 1
+    with contextlib.ExitStack() as stack:
+        try:
+            config, run = _usage_checks(args, stack)
+        except (ValueError, ModelLoadError, OSError) as e:
+            parser.print_usage(sys.stderr)
+            print(f"eval.py: error: {e}", file=sys.stderr)
+            return 2
+        try:
+            dataset = build_dataset(args.dataset, args.root, split=args.split, limit=args.limit)
+            mapper = mapper_from_args(args)
+            pred_dir = args.predictions
+            if pred_dir is None:
+                pred_dir = run_pipeline_mode(args, dataset, config, run)
+            report = evaluate_predictions(
+                pred_dir, dataset, mapper, args.absent_rule, args.missing, not args.no_progress, args.mapper
+            )
+            paths = write_reports(report, args.report)
+            if args.tensorboard:
+                log_tensorboard(report, args.tensorboard)
+        except ModelLoadError as e:
+            print(f"eval.py: error: {e}", file=sys.stderr)
+            return 2
+        except (OSError, ValueError, MappingError) as e:  # data, files, or a failed LAVE backend: one line, exit 1
+            print(f"eval.py: error: {e}", file=sys.stderr)
+            return 1
     n_missing = len(report["missing_predictions"])
     print(
         f"{report['dataset']}: mIoU {_fmt(report['mIoU'])}  pixel acc {_fmt(report['pixel_acc'])}  "

@@ -5,11 +5,15 @@ For an image ``IMG`` (relative stem, sub-folders kept) a prediction folder holds
 - ``IMG.png``: single-channel label map at the image's size; 0 = unlabelled, i = i-th name of the vocabulary.
 - ``IMG.json``: ``{"image": path, "vocabulary": [names, label 1 first], "pixel_fraction": {name: fraction}, ...}``.
 - ``IMG_overlay.jpg``: colours and a name legend, for people.
+
+The JSON is written last: an image's set counts as written only once its JSON exists (see :func:`write_prediction`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from autoseg.utils.io import atomic_write_json, save_image_atomic
+from autoseg.utils.io import atomic_write_json, remove_stale_temporaries, safe_relative, save_image_atomic
 
 UNLABELLED = 0
 
@@ -92,23 +96,39 @@ def render_overlay(image: Image.Image, label_map: np.ndarray, vocabulary: list[s
     return canvas
 
 
+def prediction_files(out_dir: str | Path, stem: str | Path) -> dict[str, Path]:
+    """The files of one prediction set: ``label_map`` (PNG), ``overlay`` (JPEG) and ``record`` (JSON, written last)."""
+    base = Path(out_dir) / safe_relative(stem, "output name")
+    return {
+        "label_map": base.with_name(base.name + ".png"),
+        "overlay": base.with_name(base.name + "_overlay.jpg"),
+        "record": base.with_name(base.name + ".json"),
+    }
+
+
 def write_prediction(
     out_dir: str | Path, stem: str | Path, image: Image.Image, image_path: str, pred: Prediction
 ) -> dict:
-    """Write ``stem.png``, ``stem.json`` and ``stem_overlay.jpg`` under ``out_dir`` atomically.
+    """Write ``stem.png``, ``stem_overlay.jpg`` and then ``stem.json`` under ``out_dir``: a set is committed together.
+
+    Each file is written atomically, and the JSON record (which names the other two) is written last and removed
+    first: a set whose JSON exists is complete; a kill or a write error part-way leaves no JSON, and an error removes
+    what this call wrote. :func:`prediction_complete` checks a set.
 
     Returns:
         the JSON record written.
+
+    Raises:
+        ValueError: the label map does not fit the image or a PNG.
+        OSError: a file could not be written (nothing of the set is left behind).
     """
-    out_dir = Path(out_dir)
-    base = out_dir / Path(stem)
+    files = prediction_files(out_dir, stem)
     if pred.label_map.shape != (image.height, image.width):
         raise ValueError(f"label map {pred.label_map.shape} does not match image {(image.height, image.width)}")
     n = len(pred.vocabulary)
     if n > 65535:
         raise ValueError(f"vocabulary of {n} names does not fit a 16-bit PNG")
     mode, dtype = ("L", np.uint8) if n <= 255 else ("I;16", np.uint16)
-    save_image_atomic(base.with_name(base.name + ".png"), Image.fromarray(pred.label_map.astype(dtype), mode=mode))
     record = {
         "image": str(image_path),
         "size": [image.width, image.height],
@@ -116,11 +136,45 @@ def write_prediction(
         "pixel_fraction": pred.pixel_fraction(),
         "captions": {str(k): v for k, v in pred.captions.items()},
         **pred.extra,
+        "files": {"label_map": files["label_map"].name, "overlay": files["overlay"].name},
     }
-    atomic_write_json(base.with_name(base.name + ".json"), record)
     overlay = render_overlay(image, pred.label_map, pred.vocabulary)
-    save_image_atomic(base.with_name(base.name + "_overlay.jpg"), overlay, quality=90)
+    remove_prediction(out_dir, stem)  # an older or half-written set goes first, its JSON before its parts
+    try:
+        save_image_atomic(files["label_map"], Image.fromarray(pred.label_map.astype(dtype), mode=mode))
+        save_image_atomic(files["overlay"], overlay, quality=90)
+        atomic_write_json(files["record"], record)
+    except BaseException:
+        remove_prediction(out_dir, stem)
+        raise
     return record
+
+
+def remove_prediction(out_dir: str | Path, stem: str | Path) -> None:
+    """Delete the files of prediction ``stem`` and the temporaries of a killed write (the JSON first)."""
+    for f in reversed(prediction_files(out_dir, stem).values()):
+        f.unlink(missing_ok=True)
+        remove_stale_temporaries(f)
+
+
+def prediction_complete(out_dir: str | Path, stem: str | Path) -> list[str] | None:
+    """The vocabulary of a complete prediction set ``stem``, or None when the set is absent or incomplete.
+
+    Complete: the JSON record parses and has a vocabulary, and the label map (whose PNG header must give the recorded
+    size) and the overlay exist. Checks headers only, so resuming over 100,000 images stays cheap.
+    """
+    files = prediction_files(out_dir, stem)
+    try:
+        record = json.loads(files["record"].read_text(encoding="utf-8"))
+        vocabulary, size = record["vocabulary"], record["size"]
+        if not files["overlay"].is_file() or files["overlay"].stat().st_size == 0:
+            return None
+        with Image.open(files["label_map"]) as im:
+            if list(im.size) != list(size):
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return vocabulary if isinstance(vocabulary, list) else None
 
 
 def read_prediction(pred_dir: str | Path, stem: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -130,8 +184,8 @@ def read_prediction(pred_dir: str | Path, stem: str | Path) -> tuple[np.ndarray,
         FileNotFoundError: the PNG or the JSON is missing (the message names it).
         ValueError: the JSON is malformed or the label map uses labels beyond the vocabulary.
     """
-    base = Path(pred_dir) / Path(stem)
-    png, js = base.with_name(base.name + ".png"), base.with_name(base.name + ".json")
+    files = prediction_files(pred_dir, stem)
+    png, js = files["label_map"], files["record"]
     for f in (png, js):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: prediction file missing (expected infer.py output IMG.png + IMG.json)")
@@ -146,3 +200,107 @@ def read_prediction(pred_dir: str | Path, stem: str | Path) -> tuple[np.ndarray,
     if label_map.max(initial=0) > len(vocabulary):
         raise ValueError(f"{png}: label {label_map.max()} exceeds the vocabulary of {len(vocabulary)} names in {js}")
     return label_map, list(vocabulary)
+
+
+class OutputBusyError(ValueError):
+    """Another run holds the output folder."""
+
+
+class RunManifest:
+    """Bookkeeping of one run into an output folder, linear in the number of inputs and safe against kills.
+
+    - ``.autoseg.lock``: an exclusive lock held for the whole run; a second run into the same folder is refused
+      (:class:`OutputBusyError`) instead of interleaving its files and manifest with the first. The kernel drops the
+      lock when the process dies, so a killed run never blocks its resume.
+    - ``manifest.jsonl``: one line per input as soon as its status is final, appended (O(N) bytes in all); it survives
+      a kill, and later runs into the folder merge it.
+    - ``manifest.json``: ``{**extra, "complete": bool, "inputs": [...]}`` written at the start of a run (inputs
+      ``pending`` or already done) and again at the end, merged with earlier runs' entries for other outputs.
+
+    Use as a context manager; :meth:`start` with this run's entries, :meth:`record` per finished input, :meth:`finish`.
+    """
+
+    LOCK, LINES, MANIFEST = ".autoseg.lock", "manifest.jsonl", "manifest.json"
+
+    def __init__(self, out_dir: str | Path, extra: dict[str, Any] | None = None):
+        self.out_dir = Path(out_dir)
+        self.extra = dict(extra or {})
+        self.entries: list[dict] = []
+        self.earlier: dict[str, dict] = {}
+        self._lock = None
+        self._lines = None
+
+    def __enter__(self) -> RunManifest:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.out_dir / self.LOCK, "a+")  # noqa: SIM115 - held open until __exit__
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise OutputBusyError(
+                f"output folder {self.out_dir} is in use by another AutoSeg run (pid {holder}); wait for it to finish "
+                "or choose another folder"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
+        remove_stale_temporaries(self.out_dir / self.MANIFEST)
+        self.earlier = read_status_lines(self.out_dir / self.LINES)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lines is not None:
+            self._lines.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+        self._lines = self._lock = None
+
+    def start(self, entries: list[dict]) -> None:
+        """Register this run's entries (the same dicts are updated in place) and write the first manifest."""
+        assert self._lock is not None, "use RunManifest as a context manager"
+        self.entries = entries
+        self._write_manifest(complete=False)
+        lines = self.out_dir / self.LINES
+        torn = False
+        if lines.is_file() and lines.stat().st_size > 0:
+            with open(lines, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                torn = f.read(1) != b"\n"
+        self._lines = open(lines, "a", encoding="utf-8")  # noqa: SIM115
+        if torn:  # a kill mid-line: end that line so the next entry starts on its own
+            self._lines.write("\n")
+
+    def record(self, entry: dict) -> None:
+        """Append the final status of one input (one ``write`` of one line: a kill leaves whole lines)."""
+        self._lines.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._lines.flush()
+
+    def finish(self, complete: bool = True) -> None:
+        """Write the final manifest (``complete`` False: the run stopped early; pending inputs stay pending)."""
+        self._write_manifest(complete)
+
+    def _write_manifest(self, complete: bool) -> None:
+        mine = {e["output"] for e in self.entries}
+        others = [e for key, e in self.earlier.items() if key not in mine]
+        atomic_write_json(
+            self.out_dir / self.MANIFEST, {**self.extra, "complete": complete, "inputs": self.entries + others}
+        )
+
+
+def read_status_lines(path: str | Path) -> dict[str, dict]:
+    """The last status line per output of a ``manifest.jsonl`` (a torn last line from a kill is ignored)."""
+    out: dict[str, dict] = {}
+    path = Path(path)
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("output"), str):
+            out[entry["output"]] = entry
+    return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import sys
 import time
@@ -13,8 +15,8 @@ from tqdm import tqdm
 
 from autoseg.config import load_config, to_dict
 from autoseg.models.loading import ModelLoadError
-from autoseg.outputs import write_prediction
-from autoseg.utils.io import ImageReadError, atomic_write_json, find_images, load_image
+from autoseg.outputs import RunManifest, prediction_complete, write_prediction
+from autoseg.utils.io import DEFAULT_MAX_PIXELS, ImageReadError, find_images, load_image, prepare_output_dir
 
 log = logging.getLogger("autoseg.infer")
 
@@ -41,6 +43,13 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (float32 on CPU)")
     g.add_argument("--batch-size", type=int, help="images per batch (default 4)")
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help=f"skip (and report) images of over N pixels, checked before decoding (default {DEFAULT_MAX_PIXELS:,})",
+    )
     return p
 
 
@@ -114,60 +123,92 @@ def predict_files(
     skip_existing: bool = False,
     manifest_extra: dict | None = None,
     progress: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    run: RunManifest | None = None,
 ) -> list[dict]:
     """Segment ``(file, output stem)`` pairs into ``out_dir``; returns one manifest entry per file.
 
     A file that cannot be read or segmented is recorded with ``status: error`` and a reason; the others are still
-    written. ``out_dir/manifest.json`` is rewritten (atomically) after every batch, so progress survives a crash.
+    written. Each image's outputs are committed together (:func:`autoseg.outputs.write_prediction`), its status is
+    appended to ``manifest.jsonl`` at once and ``manifest.json`` is written at the start and the end
+    (:class:`autoseg.outputs.RunManifest`), so a killed run loses nothing it finished and resumes with
+    ``skip_existing``. A full disk stops the run with :class:`OutputWriteError` after recording what was done.
+
+    Args:
+        run: an entered :class:`RunManifest` for ``out_dir`` (None: lock the folder here).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if run is None:
+        with RunManifest(out_dir, manifest_extra) as run:
+            return predict_files(
+                pipeline, files, out_dir, batch_size, skip_existing, progress=progress, max_pixels=max_pixels, run=run
+            )
     entries: list[dict] = []
-    manifest = {**(manifest_extra or {}), "inputs": entries}
     todo: list[tuple[Path, Path, dict]] = []
     for file, stem in files:
-        entry = {"input": str(file), "output": str(stem), "status": "pending"}
+        entry = {"input": str(file), "output": Path(stem).as_posix(), "status": "pending"}
         entries.append(entry)
-        if skip_existing and all((out_dir / f"{stem}{ext}").is_file() for ext in (".png", ".json")):
-            entry.update(status="ok", skipped=True)
-            continue
-        todo.append((file, stem, entry))
+        vocabulary = prediction_complete(out_dir, stem) if skip_existing else None
+        if vocabulary is not None:
+            entry.update(status="ok", skipped=True, vocabulary=vocabulary)
+        else:
+            todo.append((file, stem, entry))
+    run.start(entries)
 
     bar = tqdm(total=len(todo), desc="segmenting", unit="img", disable=None if progress else True)
-    for start in range(0, len(todo), batch_size):
-        batch = []
-        for file, stem, entry in todo[start : start + batch_size]:
-            try:
-                batch.append((load_image(file), file, stem, entry))
-            except ImageReadError as e:
-                entry.update(status="error", reason=str(e))
-                log.warning("skipped %s", e)
-                bar.update(1)
-        _run_batch(pipeline, batch, out_dir)
-        bar.update(len(batch))
-        atomic_write_json(out_dir / "manifest.json", manifest)
-    bar.close()
-    atomic_write_json(out_dir / "manifest.json", manifest)
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = []
+            for file, stem, entry in todo[start : start + batch_size]:
+                try:
+                    batch.append((load_image(file, max_pixels), file, stem, entry))
+                except ImageReadError as e:
+                    entry.update(status="error", reason=str(e))
+                    run.record(entry)
+                    log.warning("skipped %s", e)
+                    bar.update(1)
+            _run_batch(pipeline, batch, out_dir, run)
+            bar.update(len(batch))
+    except OutputWriteError:
+        with contextlib.suppress(OSError):
+            run.finish(complete=False)
+        raise
+    finally:
+        bar.close()
+    run.finish()
     return entries
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run inference; returns 0 when every input succeeded, 1 when some failed, 2 on usage/setup errors."""
+    """Run inference; returns 0 when every input succeeded, 1 when some failed, 2 on usage/setup errors.
+
+    Everything that can be checked without the models (inputs, config, output folder, its lock) is checked before
+    they load.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        found = find_images(args.paths)
-        config = config_from_args(args)
-        if not found:
-            raise ValueError(f"no files found in {' '.join(args.paths)}")
-        pipeline = build_pipeline(config)
-    except (FileNotFoundError, ValueError, ModelLoadError, OSError) as e:
-        print(f"infer.py: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    with contextlib.ExitStack() as stack:
+        try:
+            if args.max_pixels < 1:
+                raise ValueError(f"--max-pixels must be a positive number of pixels, got {args.max_pixels}")
+            found = find_images(args.paths)
+            if not found:
+                raise ValueError(f"no files found in {' '.join(args.paths)}")
+            config = config_from_args(args)
+            out_dir = prepare_output_dir(args.output)
+            run = stack.enter_context(RunManifest(out_dir, {"config": to_dict(config)}))
+            pipeline = build_pipeline(config)
+        except (FileNotFoundError, ValueError, ModelLoadError, OSError) as e:
+            print(f"infer.py: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
 
-    files = [(file, stem) for (file, _), stem in zip(found, unique_stems(found), strict=True)]
-    entries = predict_files(
-        pipeline, files, args.output, config.batch_size, args.skip_existing, {"config": to_dict(config)}
-    )
+        files = [(file, stem) for (file, _), stem in zip(found, unique_stems(found), strict=True)]
+        try:
+            entries = predict_files(
+                pipeline, files, out_dir, config.batch_size, args.skip_existing, max_pixels=args.max_pixels, run=run
+            )
+        except OutputWriteError as e:
+            print(f"infer.py: error: {e.strerror}", file=sys.stderr)
+            return EXIT_SOME_FAILED
     failed = [e for e in entries if e["status"] != "ok"]
     print(f"{len(entries) - len(failed)} of {len(entries)} inputs segmented; outputs in {args.output}")
     for e in failed:
@@ -175,7 +216,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _run_batch(pipeline, batch: list, out_dir: Path) -> None:
+class OutputWriteError(OSError):
+    """Outputs cannot be written at all (disk full, read-only file system): the run stops, finished sets are kept."""
+
+
+FATAL_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _run_batch(pipeline, batch: list, out_dir: Path, run: RunManifest) -> None:
     """Segment a batch; if the batch fails, retry image by image so that one bad input costs only itself."""
     if not batch:
         return
@@ -185,11 +233,12 @@ def _run_batch(pipeline, batch: list, out_dir: Path) -> None:
     except Exception:  # noqa: BLE001 - isolate the failing image below
         if len(batch) > 1:
             for item in batch:
-                _run_batch(pipeline, [item], out_dir)
+                _run_batch(pipeline, [item], out_dir, run)
             return
         _, file, _, entry = batch[0]
         log.exception("failed on %s", file)
         entry.update(status="error", reason=f"{file}: pipeline failed ({sys.exc_info()[1]!r})")
+        run.record(entry)
         return
     seconds = (time.perf_counter() - t0) / len(batch)
     for (image, file, stem, entry), pred in zip(batch, preds, strict=True):
@@ -199,3 +248,12 @@ def _run_batch(pipeline, batch: list, out_dir: Path) -> None:
             entry.update(status="ok", vocabulary=pred.vocabulary)
         except OSError as e:
             entry.update(status="error", reason=f"{file}: could not write outputs ({e})")
+            if e.errno in FATAL_WRITE_ERRORS:
+                with contextlib.suppress(OSError):
+                    run.record(entry)
+                raise OutputWriteError(
+                    e.errno,
+                    f"cannot write to {out_dir} ({e.strerror}); the images finished "
+                    "before are complete: make room and rerun with --skip-existing",
+                ) from e
+        run.record(entry)

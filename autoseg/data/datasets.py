@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from autoseg.data import classes as C
-from autoseg.utils.io import IMAGE_EXTENSIONS, ImageReadError, find_images, load_image
+from autoseg.utils.io import IMAGE_EXTENSIONS, ImageReadError, find_images, load_image, safe_relative
 
 IGNORE_INDEX = 255
 IGNORE_INDEX_LARGE = 65535  # Context-459 / ADE-847: class ids go past 255 (detectron2's ignore label for them)
@@ -177,6 +177,11 @@ def _read_split(path: Path, layout: str) -> list[str]:
     ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not ids:
         raise ValueError(f"{path}: split list is empty")
+    for i, name in enumerate(ids, 1):  # ids become output file names: none may leave the output folder
+        try:
+            safe_relative(name, "image id")
+        except ValueError as e:
+            raise ValueError(f"{path}, line {i}: {e}") from None
     return ids
 
 

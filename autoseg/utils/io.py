@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# Largest image (width x height) read by default: a 50 MP camera frame fits; decoding one pixel costs ~70 bytes
+# through the pipeline (a 9400 x 9400 image took 5.9 GB), and a tiny PNG can declare 30000 x 30000.
+DEFAULT_MAX_PIXELS = 64_000_000
 
 
 class ImageReadError(ValueError):
@@ -30,11 +35,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a finished file gets the mode open() would give
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> None:
+    """Delete what a killed :func:`atomic_write` of ``path`` left behind (call only while nobody writes ``path``)."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp{glob.escape(path.suffix)}"):
+        tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -64,21 +83,39 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8), mode="L")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read an image file as 8-bit RGB, honouring EXIF orientation.
 
     Grayscale, palette, RGBA (composited on white), CMYK and 16-bit/float images are converted.
 
+    Args:
+        path: the image file.
+        max_pixels: refuse images with more pixels (width x height) than this, before decoding them (None: no limit
+            of our own; Pillow's decompression-bomb limit still applies).
+
     Raises:
-        ImageReadError: the file is missing, not an image, or truncated; the message names the file.
+        ImageReadError: the file is missing, not an image, truncated or too large; the message names the file.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ImageReadError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
     try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below says it better
+            with Image.open(path) as im:
+                if max_pixels is not None and im.width * im.height > max_pixels:
+                    raise ImageReadError(
+                        f"{path}: image is {im.width} x {im.height} = {im.width * im.height:,} pixels, more than the "
+                        f"limit of {max_pixels:,} (raise it with --max-pixels, or downscale the image)"
+                    )
+                im.load()
+                im = ImageOps.exif_transpose(im)
     except FileNotFoundError as e:
         raise ImageReadError(f"{path}: file not found") from e
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{path}: image too large to decode safely ({e})") from e
+    except ImageReadError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -99,7 +136,7 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, Path]]:
 
     For a folder argument, ``relative_stem`` keeps the sub-folders under it; for a file it is the bare stem.
     Every non-hidden file is returned, whatever its extension, so that a non-image in an input folder is
-    reported by the caller rather than silently dropped.
+    reported by the caller rather than silently dropped; so is a broken symbolic link.
 
     Raises:
         FileNotFoundError: a path does not exist.
@@ -110,7 +147,8 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, Path]]:
             files = sorted(
                 f
                 for f in p.rglob("*")
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+                if (f.is_file() or (f.is_symlink() and not f.exists()))
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
             )
             found += [(f, f.relative_to(p).with_suffix("")) for f in files]
         elif p.is_file():
@@ -118,3 +156,36 @@ def find_images(paths: Iterable[str | os.PathLike]) -> list[tuple[Path, Path]]:
         else:
             raise FileNotFoundError(f"{p}: no such file or folder")
     return found
+
+
+def safe_relative(stem: str | os.PathLike, what: str = "name") -> Path:
+    """``stem`` as a relative path that stays inside whatever folder it is joined to.
+
+    Raises:
+        ValueError: ``stem`` is empty, absolute, or has a ``..`` part (it would escape the output folder).
+    """
+    p = Path(stem)
+    if not str(stem) or p.is_absolute() or p.anchor or ".." in p.parts or p == Path("."):
+        raise ValueError(
+            f"{what} {str(stem)!r}: expected a relative name without '..' (it must stay inside its folder)"
+        )
+    return p
+
+
+def prepare_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` (with parents) and check that files can be written in it, before any work is done.
+
+    Raises:
+        ValueError: ``path`` is an existing file, or cannot be created or written (the message says why).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path}: exists and is not a folder; give a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".autoseg-write-check.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write there ({e.strerror or e}); choose a writable folder") from e
+    return path
