@@ -18,6 +18,7 @@ from autoseg.lave import (
 )
 from autoseg.lave.backends.llm import LLMBackend, LLMConnectionError, OpenAIChatClient, chat_completions_url
 from autoseg.lave.matching import singular_forms
+from autoseg.lave.prompts import parse_decision
 
 VOC = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "dining table", "dog",
        "horse", "motorbike", "person", "potted plant", "sheep", "sofa", "train", "tv monitor"]  # fmt: skip
@@ -114,6 +115,15 @@ def test_exact_matcher_search_longest_first():
 def test_parse_answer(answer, expected):
     got = parse_answer(answer, ExactMatcher(VOC))
     assert (VOC[got] if got is not None else None) == expected
+
+
+@pytest.mark.parametrize(
+    "answer,decided",
+    [("'dog'", True), ("dog and cat", True), ("'void'", True), ("Void.", True), ("None", True), ("'sky'", False),
+     ("I don't know.", False), ("", False), ("  ", False), ("The class is 'puppy", False)],
+)  # fmt: skip
+def test_parse_decision_tells_junk_from_void(answer, decided):
+    assert parse_decision(answer, ExactMatcher(VOC))[0] is decided
 
 
 def test_parse_answer_longest_class_in_text():
@@ -221,20 +231,22 @@ def test_llm_http_mapping_cache_reuse(tmp_path):
         out = m.map_names(names, VOC, "voc20")
         assert out == {"puppy": I["dog"], "dog": I["dog"], "automobile": I["car"], "sky": None, "kitten": I["cat"],
                        "blob": None, "thing": None}  # fmt: skip
-        # one models listing (no --llm-model) + one query per unique non-exact name, in order
-        assert srv.requests == ["/v1/models", "puppy", "automobile", "sky", "kitten", "blob", "thing"]
+        # one models listing (no --llm-model) + one query per unique non-exact name, in order; the junk answer
+        # to "thing" is asked twice more, then "thing" is void for this run only
+        assert srv.requests == ["/v1/models", "puppy", "automobile", "sky", "kitten", "blob", *["thing"] * 3]
         assert srv.last_body["temperature"] == 0 and srv.last_body["model"] == "stub-model"
         assert "'tv monitor']" in srv.last_body["messages"][0]["content"]
-        assert m.records["dog"]["source"] == "exact"
+        assert m.records["dog"]["source"] == "exact" and m.records["thing"]["source"] == "undecided"
         assert m.records["automobile"] == {"class": "car", "source": "backend", "raw": "The answer is 'car'.",
                                            "dataset": "voc20"}  # fmt: skip
         saved = {e["name"]: e for e in json.loads(cache.read_text())["entries"]}
         assert saved["sky"]["class"] is None and saved["sky"]["raw"] == "'void'" and saved["puppy"]["class"] == "dog"
+        assert "thing" not in saved and saved["blob"]["class"] is None  # junk is not cached, a multi-match is
         n_before = len(srv.requests)
-        # a second run (new mapper, same cache file) makes no backend call
+        # a second run (new mapper, same cache file) asks only the undecided name again
         m2 = build_mapper("llm", endpoint=srv.url, cache_path=cache, lemmatize=False, progress=False)
         assert m2.map_names(names, VOC, "voc20") == out
-        assert len(srv.requests) == n_before and m2.n_backend_calls == 0
+        assert srv.requests[n_before:] == ["/v1/models", *["thing"] * 3] and m2.n_backend_calls == 1
         assert (
             m2.records["automobile"]["source"] == "cache" and m2.records["automobile"]["raw"] == "The answer is 'car'."
         )
@@ -317,8 +329,9 @@ def test_llm_transformers_tiny_model_runs_and_is_deterministic(tiny_chat_lm, tmp
     assert all(v is None or 0 <= v < len(VOC) for v in out.values())
     assert m.backend.chat.n_calls == len(names)
     assert all(isinstance(m.records[n]["raw"], str) for n in names)
-    # greedy decoding: a fresh model gives the same raw answers
-    m2 = build_mapper("llm", model=str(tiny_chat_lm), max_tokens=6, lemmatize=False, progress=False)
+    # greedy decoding: a fresh model gives the same raw answers (here with time limits, passed as max_time)
+    m2 = build_mapper("llm", model=str(tiny_chat_lm), max_tokens=6, timeout=60, run_timeout=600, lemmatize=False,
+                      progress=False)  # fmt: skip
     m2.map_names(names, VOC, "voc20")
     assert [m2.records[n]["raw"] for n in names] == [m.records[n]["raw"] for n in names]
 

@@ -10,7 +10,7 @@ from autoseg.lave.mapper import (
     mapper_from_args,
 )
 from autoseg.lave.matching import ExactMatcher
-from autoseg.lave.prompts import build_prompt, parse_answer
+from autoseg.lave.prompts import build_prompt, parse_answer, parse_decision
 
 __all__ = [
     "MAPPER_KINDS",
@@ -23,4 +23,5 @@ __all__ = [
     "build_prompt",
     "mapper_from_args",
     "parse_answer",
+    "parse_decision",
 ]

@@ -14,15 +14,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from autoseg.lave.backends.base import Backend
-from autoseg.lave.cache import MappingCache
+from autoseg.lave.backends.base import Backend, NoDecision
+from autoseg.lave.cache import MappingCache, clip_raw
 from autoseg.lave.matching import ExactMatcher, spacy_lemmatizer, unique_in_order
 
 log = logging.getLogger(__name__)
 
 
 class MappingError(RuntimeError):
-    """A backend failed on a name; the mappings made before it are in the cache file."""
+    """A backend failed on a name (or ran out of time); the mappings made before it are in the cache file."""
 
 
 def dataset_synonyms(dataset: str, classes: Sequence[str]) -> list[list[str]] | None:
@@ -49,7 +49,8 @@ class LaveMapper:
 
     Attributes:
         records: per name, its latest mapping: ``{"class": name or None, "source": "exact"|"cache"|"backend",
-            "raw": backend answer, "dataset": ...}``.
+            "raw": backend answer (clipped), "dataset": ...}``; a name the backend could not decide (junk answers)
+            has ``"source": "undecided"``, class None, and a ``"reason"``: void for this run, not cached.
     """
 
     def __init__(
@@ -97,8 +98,8 @@ class LaveMapper:
                 benchmark whose display list equals ``classes``.
 
         Raises:
-            MappingError: the backend failed; the message names the name and the backend, and every mapping made
-                so far has been saved to the cache file.
+            MappingError: the backend failed or ran out of time; the message names the name and the backend, and
+                says how many mappings this run made, all of them saved to the cache file.
         """
         if synonyms is None:
             synonyms = dataset_synonyms(dataset, classes)
@@ -126,39 +127,71 @@ class LaveMapper:
     def _run_backend(self, pending: list[str], classes: Sequence[str], dataset: str, out: dict) -> None:
         backend = self.backend
         assert backend is not None
-        done = 0
+        done, made, undecided = 0, 0, []
         bar = tqdm(total=len(pending), desc=f"LAVE {backend.kind}", unit="name", disable=not self.progress)
         try:
             for name, idx, raw in backend.map(pending, classes, dataset):
                 self.n_backend_calls += 1
                 out[name] = idx
+                done += 1
+                bar.update(1)
+                if isinstance(raw, NoDecision):  # void for this run only: never cached, asked again next run
+                    undecided.append(name)
+                    self._record(name, dataset, classes, None, "undecided", raw.raw, reason=raw.reason)
+                    continue
                 cls = classes[idx] if idx is not None else None
                 self.cache.put(dataset, backend.kind, backend.cache_id, name, cls, raw)
                 self._record(name, dataset, classes, idx, "backend", raw)
-                done += 1
-                bar.update(1)
-                if done % self.save_every == 0:
+                made += 1
+                if made % self.save_every == 0:
                     self.cache.save()
         except Exception as e:
-            self.cache.save()
             failed = pending[done] if done < len(pending) else "?"
-            where = f"saved to {self.cache.path}" if self.cache.path else "kept in memory (no cache path)"
             raise MappingError(
                 f"LAVE {backend.kind} backend ({backend.cache_id}) failed on name {failed!r} "
-                f"({type(e).__name__}: {e}); the {len(self.cache)} mappings made so far are {where}, "
-                "a rerun resumes from them"
+                f"({type(e).__name__}: {e}); {self._saved_note(made)}"
             ) from e
         finally:
             bar.close()
         self.cache.save()
+        if undecided:
+            log.warning(
+                "LAVE %s: %d name(s) got no usable answer and map to void for this run only (not cached, asked again "
+                "next run), e.g. %r: %s", backend.kind, len(undecided), undecided[0],
+                self.records[undecided[0]]["reason"],
+            )  # fmt: skip
 
-    def _record(self, name: str, dataset: str, classes: Sequence[str], idx: int | None, source: str, raw: Any):
+    def _saved_note(self, made: int) -> str:
+        """Save the cache after a failure; say how many mappings of this run it holds."""
+        if made == 0:
+            return "this run made no mapping before it (nothing new to save)"
+        what = f"the {made} mapping{'s' if made > 1 else ''} made by this run {'is' if made == 1 else 'are'}"
+        if self.cache.path is None:
+            return f"{what} kept in memory only (no cache path)"
+        try:
+            self.cache.save()
+        except (OSError, ValueError) as e:
+            return f"{what} NOT saved to {self.cache.path} ({e})"
+        return f"{what} saved to {self.cache.path}; a rerun resumes from them"
+
+    def _record(
+        self,
+        name: str,
+        dataset: str,
+        classes: Sequence[str],
+        idx: int | None,
+        source: str,
+        raw: Any,
+        reason: str | None = None,
+    ) -> None:
         self.records[name] = {
             "class": classes[idx] if idx is not None else None,
             "source": source,
-            "raw": raw,
+            "raw": clip_raw(raw),
             "dataset": dataset,
         }
+        if reason is not None:
+            self.records[name]["reason"] = reason
 
 
 # ----------------------------------------------------------------------------------------------- builders
@@ -166,8 +199,9 @@ class LaveMapper:
 _COMMON = ("cache_path", "lemmatize", "save_every", "progress")
 _EMBEDDING = ("model", "threshold", "margin", "anchors", "anchor_dedupe", "templates", "head_aliases", "device",
               "batch_size")  # fmt: skip
-_LLM = ("transport", "endpoint", "model", "api_key", "timeout", "retries", "backoff", "max_tokens", "seed",
-        "gguf_file", "device", "dtype", "max_listed_classes")  # fmt: skip
+_LLM = ("transport", "endpoint", "model", "api_key", "timeout", "run_timeout", "retries", "backoff", "max_tokens",
+        "seed", "max_response_bytes", "answer_retries", "gguf_file", "device", "dtype",
+        "max_listed_classes")  # fmt: skip
 
 
 def _check(kind: str, options: dict, allowed: Sequence[str]) -> None:
@@ -211,16 +245,26 @@ def _build_llm(**options: Any) -> LaveMapper:
         if not options.get("endpoint"):
             raise ValueError("the http LLM transport needs an endpoint URL (--llm-endpoint http://HOST:PORT/v1)")
         chat = OpenAIChatClient(
-            options["endpoint"], **pick("model", "api_key", "timeout", "retries", "backoff", "max_tokens", "seed")
+            options["endpoint"],
+            **pick("model", "api_key", "timeout", "retries", "backoff", "max_tokens", "seed", "max_response_bytes"),
         )
+        query_timeout, answer_retries = chat.timeout, 2
     elif transport == "transformers":
         tkw = pick("model", "gguf_file", "device", "dtype")
         if options.get("max_tokens") is not None:
             tkw["max_new_tokens"] = options["max_tokens"]
         chat = TransformersChatModel(**tkw)
+        query_timeout, answer_retries = options.get("timeout"), 0  # greedy decoding would repeat the same answer
     else:
         raise ValueError(f"unknown LLM transport {transport!r}; available: ['http', 'transformers']")
-    return _mapper(LLMBackend(chat, **pick("max_listed_classes")), options)
+    backend = LLMBackend(
+        chat,
+        answer_retries=options["answer_retries"] if options.get("answer_retries") is not None else answer_retries,
+        query_timeout=query_timeout,
+        run_timeout=options.get("run_timeout"),
+        **pick("max_listed_classes"),
+    )
+    return _mapper(backend, options)
 
 
 MAPPER_KINDS: dict[str, Callable[..., LaveMapper]] = {
@@ -239,8 +283,11 @@ def build_mapper(kind: str, **options: Any) -> LaveMapper:
             embedding: ``model``, ``threshold``, ``margin``, ``anchors``, ``anchor_dedupe``, ``templates``,
             ``head_aliases``, ``device``, ``batch_size``; llm: ``transport`` ("http" | "transformers"; default http
             when ``endpoint`` is given), ``endpoint``, ``model`` (served model name, or HF id / directory / .gguf),
-            ``api_key``, ``timeout``, ``retries``, ``backoff``, ``max_tokens``, ``seed``, ``gguf_file``, ``device``,
-            ``dtype``, ``max_listed_classes``. None values mean the default.
+            ``api_key``, ``timeout`` (total seconds per name, retries included; http default 60, local: none),
+            ``run_timeout`` (total seconds for all the LLM queries of one ``map_names`` call; default none),
+            ``retries``, ``backoff``, ``max_tokens``, ``seed``, ``max_response_bytes`` (http answer cap, 1 MiB),
+            ``answer_retries`` (re-asks of an answer that decides nothing; http 2, local 0), ``gguf_file``,
+            ``device``, ``dtype``, ``max_listed_classes``. None values mean the default.
 
     Raises:
         ValueError: unknown kind (the message lists the kinds).
@@ -265,7 +312,14 @@ def add_mapper_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--llm-model", default=None, help="served model name (http) or HF id / dir / .gguf (local; default SmolLM2)"
     )
     g.add_argument("--llm-api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token for the endpoint")
-    g.add_argument("--llm-timeout", type=float, default=None, help="seconds per HTTP request (default 60)")
+    g.add_argument(
+        "--llm-timeout", type=float, default=None,
+        help="total seconds per name: connect, send, the whole answer and retries (default 60 over http)",
+    )  # fmt: skip
+    g.add_argument(
+        "--llm-run-timeout", type=float, default=None,
+        help="total seconds for all LLM queries of a run; then it stops, saving what was mapped (default: no limit)",
+    )  # fmt: skip
     g.add_argument("--llm-retries", type=int, default=None, help="HTTP retries with backoff (default 2)")
     g.add_argument("--llm-max-listed-classes", type=int, default=None, help="list classes up to this many (200)")
     g.add_argument("--llm-device", default=None, help="torch device of the local LLM (default cpu)")
@@ -273,8 +327,8 @@ def add_mapper_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def mapper_from_args(args: argparse.Namespace) -> LaveMapper:
-    """Build the mapper chosen by the options of :func:`add_mapper_args`."""
-    options: dict[str, Any] = {"cache_path": args.mapper_cache}
+    """Build the mapper chosen by the options of :func:`add_mapper_args`; ``--no-progress`` (if any) hides its bar."""
+    options: dict[str, Any] = {"cache_path": args.mapper_cache, "progress": not getattr(args, "no_progress", False)}
     if args.mapper == "embedding":
         options |= {
             "model": args.embedding_model,
@@ -288,6 +342,7 @@ def mapper_from_args(args: argparse.Namespace) -> LaveMapper:
             "model": args.llm_model,
             "api_key": args.llm_api_key,
             "timeout": args.llm_timeout,
+            "run_timeout": args.llm_run_timeout,
             "retries": args.llm_retries,
             "max_listed_classes": args.llm_max_listed_classes,
             "device": args.llm_device,

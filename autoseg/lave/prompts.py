@@ -61,26 +61,33 @@ def quoted_spans(answer: str) -> list[str]:
     return [next(g for g in m.groups() if g is not None).strip() for m in _QUOTED.finditer(answer)]
 
 
-def parse_answer(answer: str, matcher: ExactMatcher) -> int | None:
-    """Class index named by an LLM answer, or None for background/void (the paper's rules, made robust).
+def parse_decision(answer: str, matcher: ExactMatcher) -> tuple[bool, int | None]:
+    """``(decided, class index or None)`` of an LLM answer by the paper's rules, made robust.
 
     1. Quoted spans are matched to the classes; exactly one class -> that class, several -> void.
     2. A quoted "void"/"none"/"background" with no class -> void.
-    3. Otherwise classes named in the quoted spans, then in the whole answer, as whole words; exactly one -> it.
-    4. No class or several classes -> void (a junk answer is void).
+    3. Otherwise classes named in the quoted spans, then in the whole answer, as whole words; exactly one -> it,
+       several -> void.
+    4. An unquoted answer that is only a void word (``void``, ``None.``) -> void.
+    5. Anything else (empty, junk, a quoted non-class) decides nothing: ``(False, None)``.
     """
     spans = quoted_spans(answer)
     exact = {i for i in matcher.match_many(spans) if i is not None} if spans else set()
     if len(exact) == 1:
-        return exact.pop()
+        return True, exact.pop()
     if len(exact) > 1:
-        return None
+        return True, None
     if any(name_key(s) in VOID_WORDS for s in spans):
-        return None
+        return True, None
     for text in (" ".join(spans), answer):
         found = matcher.search(text) if text else set()
         if len(found) == 1:
-            return found.pop()
+            return True, found.pop()
         if len(found) > 1:
-            return None
-    return None
+            return True, None
+    return name_key(answer) in VOID_WORDS, None
+
+
+def parse_answer(answer: str, matcher: ExactMatcher) -> int | None:
+    """Class index named by an LLM answer, or None for background/void; an undecided (junk) answer is void."""
+    return parse_decision(answer, matcher)[1]

@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class NoDecision:
+    """The raw answer of a name the backend could not decide in this run (e.g. only junk answers from an LLM).
+
+    The mapper maps the name to void for this run only, records ``reason``, and never caches it, so that a later
+    run asks again.
+
+    Attributes:
+        reason: why no decision was made, for the mapping records.
+        raw: the last answer received ("" if none).
+    """
+
+    reason: str
+    raw: str = ""
 
 
 class Backend(Protocol):
@@ -11,7 +28,8 @@ class Backend(Protocol):
 
     ``kind`` and ``cache_id`` (model plus every setting that changes answers) form the cache key with the dataset
     and the name. ``map`` yields one ``(name, class index or None, raw answer)`` per name, in order, lazily, so that
-    the mapper can store each result before the next one is computed.
+    the mapper can store each result before the next one is computed. A raw answer that is a :class:`NoDecision`
+    (class index None) means "undecided in this run": void now, not cached.
     """
 
     kind: str
