@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from autoseg.config import PipelineConfig
+from autoseg.config_checks import check_runtime, resolve_device
 from autoseg.models.blip import BlipCaptioner, CaptionConfig
 from autoseg.models.segmenter import Segmenter, build_segmenter
 from autoseg.outputs import Prediction
@@ -21,15 +22,6 @@ from autoseg.vocab.bboost import BBoost, resize_labels
 from autoseg.vocab.nouns import NounExtractor
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return dev
 
 
 class AutoSegPipeline:
@@ -77,10 +69,8 @@ class AutoSegPipeline:
     @classmethod
     def from_config(cls, config: PipelineConfig, enhancer: nn.Module | None = None) -> AutoSegPipeline:
         """Build every part from a ``PipelineConfig`` (loads weights; no network when given local directories)."""
-        device = resolve_device(config.device)
-        if config.dtype not in DTYPES:
-            raise ValueError(f"dtype {config.dtype!r} unknown; choose one of {sorted(DTYPES)}")
-        dtype = DTYPES[config.dtype]
+        check_runtime(config)  # types, ranges, device, dtype, patch sizes: one clear error before any weights load
+        device, dtype = resolve_device(config.device), DTYPES[config.dtype]
         return cls(
             captioner=BlipCaptioner.from_pretrained(config.blip, device=device, dtype=dtype),
             segmenter=build_segmenter(config.segmenter, device=device, dtype=dtype),

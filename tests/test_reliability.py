@@ -115,6 +115,15 @@ def test_split_ids_cannot_escape_the_predictions_folder(tmp_path):
             build_dataset("voc21", tmp_path)
 
 
+def test_presets_are_names_not_paths():
+    from autoseg.config import load_config
+
+    for bad in ("../../configs/debug/pipeline", "../presets/demo", "/etc/passwd"):
+        with pytest.raises(ValueError, match=r"unknown preset .*available: \[.*'demo'"):
+            load_config(preset=bad)
+    assert load_config(preset="demo").scales
+
+
 def test_write_prediction_refuses_names_outside_its_folder(tmp_path):
     pred = outputs.Prediction(["cat"], np.ones((4, 4), np.int32))
     image = Image.new("RGB", (4, 4))
@@ -174,14 +183,19 @@ def test_status_lines_survive_a_torn_last_line(tmp_path):
 # ------------------------------------------------------------------ output folders that cannot be written
 
 
-def test_unusable_output_folder_is_a_usage_error_before_models_load(tmp_path, capsys):
+def test_unusable_output_folder_is_a_usage_error_before_models_load(
+    tmp_path, tiny_blip_dir, tiny_clipseg_dir, capsys, monkeypatch
+):
+    def no_loading(config):
+        raise AssertionError("models loaded before the output folder was checked")
+
+    monkeypatch.setattr("autoseg.cli.infer.build_pipeline", no_loading)
     make_photos(tmp_path / "in", 1)
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):
-        # models that do not exist: the output check must come first
-        assert infer(tmp_path / "in", out, tmp_path / "no_blip", tmp_path / "no_seg") == 2
+        assert infer(tmp_path / "in", out, tiny_blip_dir, tiny_clipseg_dir) == 2
         err = capsys.readouterr().err
-        assert "output folder" in err and "no_blip" not in err and len(err.strip().splitlines()) == 1
+        assert "output folder" in err and len(err.strip().splitlines()) == 1
 
 
 def test_full_disk_stops_the_run_and_leaves_only_complete_sets(tmp_path, tiny_blip_dir, tiny_clipseg_dir, monkeypatch):
@@ -322,3 +336,36 @@ def test_eval_killed_at_many_points_resumes_to_the_uninterrupted_report(
         got = json.loads((tmp_path / f"run{i}" / "report.json").read_text())
         got.pop("predictions")
         assert got == ref, points
+
+
+@pytest.mark.slow
+def test_real_sigkill_on_timers_then_resume(tmp_path):
+    """``kill -9`` of real ``infer.py`` processes (demo preset, ShapesWorld images) after growing delays, resuming."""
+    import signal
+
+    from autoseg.data.shapes import ShapesConfig, generate_sample
+
+    (tmp_path / "in").mkdir()
+    for i in range(24):
+        image, _, _ = generate_sample(5, i, ShapesConfig(size=96))
+        image.save(tmp_path / "in" / f"s{i:02d}.png")
+    names = [f"s{i:02d}" for i in range(24)]
+    cmd = [sys.executable, str(ROOT / "infer.py"), str(tmp_path / "in"), "--preset", "demo", "--batch-size", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    assert subprocess.run([*cmd, "-o", str(tmp_path / "ref")], env=env, capture_output=True).returncode == 0
+    out, kills = tmp_path / "out", 0
+    for delay in (3.0, 4.0, 5.0, 6.0, 7.0, 8.0):
+        proc = subprocess.Popen(
+            [*cmd, "-o", str(out), "--skip-existing"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    assert kills >= 3  # most runs were killed part-way
+    final = subprocess.run([*cmd, "-o", str(out), "--skip-existing"], env=env, capture_output=True)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert_all_complete(out, names)
+    assert snapshot(out, names) == snapshot(tmp_path / "ref", names)

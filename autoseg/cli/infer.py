@@ -13,7 +13,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from autoseg.config import load_config, to_dict
+from autoseg.config import load_config, preset_path, to_dict
+from autoseg.config_checks import check_runtime
 from autoseg.models.loading import ModelLoadError
 from autoseg.outputs import RunManifest, prediction_complete, write_prediction
 from autoseg.utils.io import DEFAULT_MAX_PIXELS, ImageReadError, find_images, load_image, prepare_output_dir
@@ -93,10 +94,16 @@ def unique_stems(found: Sequence[tuple[Path, Path]]) -> list[Path]:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The pipeline config: ``--config`` YAML (or the defaults) with the command-line flags on top."""
-    config = load_config(args.config, overrides_from_args(args), preset=args.preset)
-    if config.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {config.batch_size}")
+    """The pipeline config: ``--config`` YAML (or the defaults) with the command-line flags on top, checked.
+
+    Raises:
+        autoseg.config.ConfigError: a bad value (types, ranges, device, dtype, scales vs the model's patch size; only
+            the models' ``config.json`` files are read); the one-line message names it and what is allowed.
+    """
+    overrides = overrides_from_args(args)
+    config = load_config(args.config, overrides, preset=args.preset, overrides_source="command line")
+    source = str(args.config) if args.config else str(preset_path(args.preset)) if args.preset else "config"
+    check_runtime(config, source, overrides, "command line")
     return config
 
 
