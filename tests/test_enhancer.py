@@ -151,7 +151,8 @@ def test_infer_enhancer_flag_reports_a_missing_or_mismatched_head(tmp_path, tiny
     args = [str(tmp_path / "red.png"), "-o", str(tmp_path / "out"), "--config", "configs/debug/pipeline.yaml"]
     args += ["--blip", str(tiny_blip_dir), "--segmenter", str(tiny_clipseg_dir)]
     assert main([*args, "--enhancer", str(tmp_path / "missing.safetensors")]) == 2
-    assert "missing.safetensors: enhancer weights not found" in capsys.readouterr().err
+    err = capsys.readouterr().err  # caught by the up-front config check, before any model loads
+    assert "missing.safetensors" in err and "enhancer" in err and len(err.strip().splitlines()) == 1
 
     wrong = save_enhancer(EmbeddingEnhancer(EnhancerConfig(dim=24, width=8, num_heads=2)), tmp_path / "w.safetensors")
     assert main([*args, "--enhancer", str(wrong)]) == 2

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from autoseg.data.datasets import DATASETS, IGNORE_INDEX, build_dataset
 from autoseg.data.transforms import SegmentationTransform, collate
@@ -198,6 +199,101 @@ class _MappedIterable(IterableDataset):
         return (self.fn(item) for item in itertools.islice(self.base, self.limit))
 
 
+def run_seed() -> int:
+    """The run's seed: ``seed_everything``'s (``PL_GLOBAL_SEED``, which ``train.py`` sets), else 0 as in Lightning."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def derive_seed(*parts: int) -> int:
+    """A seed in ``[0, 2**63)`` that depends only on ``parts`` (e.g. run seed, epoch, item), well mixed."""
+    digest = hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class EpochSampler(DistributedSampler):
+    """Training order that depends only on the seed and the epoch, so that a resumed run sees the same batches.
+
+    Each epoch is a permutation drawn from ``(seed, epoch)`` (Lightning calls ``set_epoch`` at each epoch start),
+    split across ``num_replicas`` processes as by ``DistributedSampler`` (which it is, so Lightning keeps it under DDP).
+    Items come as ``(index, item_seed)`` keys with ``item_seed = derive_seed(seed, epoch, index)`` for
+    :class:`SeededItems`: an item's random augmentation does not depend on the worker or process that loads it, nor on
+    what was drawn before. ``skip`` leading items of the epoch are left out (set by :class:`ResumableLoader`).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in itertools.islice(super().__iter__(), self.skip, None):
+            yield index, derive_seed(self.seed, self.epoch, index)
+
+
+class SeededItems(Dataset):
+    """Load item ``index`` of ``base`` with torch's global generator seeded by ``item_seed`` (and restored after).
+
+    Keys are ``(index, item_seed)`` from :class:`EpochSampler`; a plain index loads as usual.
+    """
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        if not isinstance(key, tuple):
+            return self.base[key]
+        index, item_seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            return self.base[index]
+
+
+class ResumableLoader(DataLoader):
+    """The training ``DataLoader`` (over an :class:`EpochSampler`) that continues a checkpoint's epoch where it stopped.
+
+    Lightning saves ``state_dict()`` (epoch and batches yielded in it) with the loop state and, when it resumes, calls
+    ``load_state_dict``; the next iteration of that epoch then skips the batches already trained on. Iteration starts
+    at the first batch (not at ``iter()``, which Lightning calls before the epoch is known), also with worker processes,
+    which fetch ahead.
+
+    Args:
+        epoch_source: gives the epoch about to be iterated (the trainer's ``current_epoch``); it overrides the value
+            of Lightning's ``set_epoch``, which after a resume from an epoch-end checkpoint is one ahead.
+        args, kwargs: ``DataLoader`` arguments.
+    """
+
+    def __init__(self, *args: Any, epoch_source: Callable[[], int | None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.epoch_source = epoch_source
+        self.position = (0, 0)  # (epoch, batches yielded in it)
+        self._resume: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        if not isinstance(sampler, EpochSampler):  # Lightning swapped the sampler (overfit_batches): nothing to resume
+            yield from super().__iter__()
+            return
+        if self.epoch_source is not None and (current := self.epoch_source()) is not None:
+            sampler.set_epoch(current)
+        epoch, start = sampler.epoch, 0
+        if self._resume is not None and self._resume[0] == epoch and self._resume[1] < len(self):
+            start = self._resume[1]
+        self._resume = None
+        sampler.skip = start * (self.batch_size or 1)
+        self.position = (epoch, start)
+        for batch in super().__iter__():
+            self.position = (epoch, self.position[1] + 1)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.position[0], "batches": self.position[1]}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+
 class SegmentationDataModule(L.LightningDataModule):
     """Images + masks for the AutoSeg LightningModules.
 
@@ -217,6 +313,11 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         shuffle_buffer: shuffle buffer of training shards.
         seed: seed of the shard shuffles (other sampling follows ``seed_everything``).
+
+    The training order and augmentations of map-style sources (readers, folders, ShapesWorld) depend only on the run
+    seed, the epoch and the item (:class:`EpochSampler`, :class:`SeededItems`), and the training loader resumes
+    mid-epoch (:class:`ResumableLoader`): ``fit`` resumed from a checkpoint gives the weights of an uninterrupted run.
+    Shards are streamed and resume at an epoch start.
     """
 
     def __init__(
@@ -326,17 +427,25 @@ class SegmentationDataModule(L.LightningDataModule):
         if split not in self._datasets:
             self._datasets[split] = self._build(split)
         ds = self._datasets[split]
-        iterable = isinstance(ds, IterableDataset)
         bs = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
-        return DataLoader(
-            ds,
+        workers = {"num_workers": self.hparams.num_workers, "persistent_workers": self.hparams.num_workers > 0}
+        if not train or isinstance(ds, IterableDataset):
+            return DataLoader(ds, batch_size=bs, collate_fn=collate_with_captions, **workers)
+        trainer = self.trainer  # one share of each epoch per process under DDP
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = EpochSampler(ds, replicas, rank, seed=run_seed())
+        return ResumableLoader(
+            SeededItems(ds),
+            epoch_source=self._current_epoch,
             batch_size=bs,
-            shuffle=train and not iterable,
-            drop_last=train and not iterable and len(ds) > bs,  # no ragged last batch, unless it is the only one
-            num_workers=self.hparams.num_workers,
+            sampler=sampler,
+            drop_last=len(sampler) > bs,  # no ragged last batch, unless it is the only one
             collate_fn=collate_with_captions,
-            persistent_workers=self.hparams.num_workers > 0,
+            **workers,
         )
+
+    def _current_epoch(self) -> int | None:
+        return None if self.trainer is None else self.trainer.current_epoch
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

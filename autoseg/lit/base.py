@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import random
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Self
 
 import lightning as L
 import numpy as np
@@ -16,6 +19,8 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from autoseg.data.datamodules import derive_seed, run_seed
+from autoseg.lit.checkpoints import load_checkpoint, open_checkpoint
 from autoseg.outputs import palette
 from autoseg.utils.io import atomic_write_json
 
@@ -31,6 +36,8 @@ class AutoSegModule(L.LightningModule):
         ``frozen_prefixes()``: state-dict prefixes of frozen weights that are rebuilt from the model source and
             therefore left out of checkpoints (a BLIP-large checkpoint would otherwise carry 1.8 GB of fixed weights).
         ``export(out, state_dict=None)``: write the trained weights for ``infer.py`` / ``eval.py``.
+        A subclass that overrides ``on_train_batch_start``, ``on_save_checkpoint`` or ``on_load_checkpoint`` calls
+        ``super()`` first.
     """
 
     # ------------------------------------------------------------------ shared helpers
@@ -102,7 +109,46 @@ class AutoSegModule(L.LightningModule):
     def lr_scheduler_step(self, scheduler, metric) -> None:
         scheduler.step_update(num_updates=self.global_step)  # timm schedulers count optimizer updates
 
+    # ------------------------------------------------------------------ reproducible training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Seed torch, numpy and ``random`` from (run seed, step, batch, rank) before each training batch.
+
+        Dropout and other random draws of a step then depend only on where training is, not on what was drawn before,
+        so a run resumed from a checkpoint continues exactly as the uninterrupted run (the data side is in
+        :class:`autoseg.data.datamodules.EpochSampler`).
+        """
+        seed = derive_seed(run_seed(), self.global_step, batch_idx, self.global_rank)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
     # ------------------------------------------------------------------ lean checkpoints
+    @classmethod
+    def load_from_checkpoint(
+        cls,
+        checkpoint_path: str | os.PathLike | IO[bytes],
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint``, reading the file as ``train.py --ckpt_path`` does.
+
+        Tensors and plain values only (unless ``weights_only=False``), a URL read into memory like a local file, and a
+        :class:`autoseg.lit.checkpoints.CheckpointError` naming the file when it is damaged or not a ``train.py``
+        checkpoint.
+        """
+        if isinstance(checkpoint_path, (str, os.PathLike)):
+            source = open_checkpoint(checkpoint_path)
+            load_checkpoint(checkpoint_path, "cpu", weights_only, source, mmap=True)  # checked first: clear errors
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+            checkpoint_path = source
+        return super().load_from_checkpoint(
+            checkpoint_path, map_location, hparams_file, strict, weights_only=weights_only is not False, **kwargs
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         prefixes = self.frozen_prefixes()
         if prefixes:

@@ -156,21 +156,26 @@ def load_enhancer(path: str | os.PathLike, device: str | torch.device = "cpu") -
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: not an enhancer safetensors file, or its weights do not match its stored config (the message
-            lists missing / unexpected keys and shape mismatches).
+        ValueError: a directory, a damaged, truncated or other file than an enhancer's safetensors, or weights that do
+            not match the stored config (the message lists missing / unexpected keys and shape mismatches).
     """
     p = Path(path)
+    expected = (
+        "expected a .safetensors file exported by `train.py fit` (<log_dir>/export/{last,best}/enhancer.safetensors) "
+        "or written by autoseg.models.enhancer.save_enhancer"
+    )
+    if p.is_dir():
+        raise ValueError(f"{p}: is a directory; {expected}")
     if not p.is_file():
-        raise FileNotFoundError(
-            f"{p}: enhancer weights not found; expected a .safetensors file exported by `train.py fit` "
-            "(under <log_dir>/export/) or written by autoseg.models.enhancer.save_enhancer"
-        )
+        raise FileNotFoundError(f"{p}: enhancer weights not found; {expected}")
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{p}: not a readable safetensors file ({e})") from e
+        raise ValueError(
+            f"{p}: not a readable safetensors file ({e}): it is damaged, truncated or of another format; {expected}"
+        ) from e
     if metadata.get("format") != FORMAT:
         raise ValueError(
             f"{p}: not an AutoSeg enhancer (metadata format {metadata.get('format')!r}, expected {FORMAT!r}); "

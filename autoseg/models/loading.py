@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlparse
 
+from safetensors import SafetensorError
+
 T = TypeVar("T")
 
 
@@ -43,6 +45,11 @@ def load_pretrained(source: str | os.PathLike, what: str, loader: Callable[..., 
             raise ModelLoadError(f"{what}: {source} is a file; expected a model directory (save_pretrained output)")
         try:
             return loader(str(path), local_files_only=True)
+        except SafetensorError as e:  # transformers lets the reader's error through, without the file's name
+            raise ModelLoadError(
+                f"{what}: the weights in {source} are damaged or truncated ({', '.join(_weight_files(path))}: {e}); "
+                "save or copy the directory again"
+            ) from e
         except (OSError, ValueError) as e:
             raise ModelLoadError(
                 f"{what}: could not load the directory {source}: {e}\n"
@@ -52,6 +59,11 @@ def load_pretrained(source: str | os.PathLike, what: str, loader: Callable[..., 
         raise ModelLoadError(f"{what}: no such directory: {source}{hint}")
     try:
         return loader(source, local_files_only=True)
+    except SafetensorError as e:
+        raise ModelLoadError(
+            f"{what}: the cached weights of '{source}' are damaged or truncated ({e}); remove them with "
+            f"`hf cache rm model/{source}` and download again, or pass a local directory{hint}"
+        ) from e
     except (OSError, ValueError) as cached_error:
         if hub_offline():
             raise ModelLoadError(_offline_message(what, source, flag, "HF_HUB_OFFLINE is set")) from cached_error
@@ -62,6 +74,10 @@ def load_pretrained(source: str | os.PathLike, what: str, loader: Callable[..., 
         return loader(source)
     except Exception as e:  # network, auth and missing-repo errors all mean the same thing to the user
         raise ModelLoadError(_offline_message(what, source, flag, f"{type(e).__name__}: {str(e)[:300]}")) from e
+
+
+def _weight_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.safetensors")) or ["no *.safetensors file"]
 
 
 def hub_reachable(timeout: float = 3.0) -> tuple[bool, str]:
