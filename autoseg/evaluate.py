@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoseg.cli.infer import add_pipeline_args
+from autoseg.cli.infer import add_device_args, add_pipeline_args
 from autoseg.config import to_dict
 from autoseg.data.datasets import DATASETS, SegmentationDataset, build_dataset
 from autoseg.lave import MappingError, add_mapper_args, mapper_from_args
@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--missing", choices=MISSING_POLICIES, default="miss", help="missing prediction: miss or error")
     p.add_argument("--tensorboard", help="also log the scalars to this TensorBoard folder")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_pipeline_args(p)  # --config, --blip, --segmenter, --seed, --device, --dtype, --batch-size
+    add_device_args(add_pipeline_args(p))  # --config, --blip, --segmenter, --seed, --device, ...; --devices
     return add_mapper_args(p)  # --mapper exact|embedding|llm, --mapper-cache, --embedding-*, --llm-*
 
 
@@ -285,26 +285,19 @@ def prediction_dir(args: argparse.Namespace) -> Path:
     return Path(args.save_predictions or report.with_name(report.stem + "_predictions"))
 
 
-def run_pipeline_mode(args: argparse.Namespace, dataset: SegmentationDataset, config, run: RunManifest) -> Path:
+def run_pipeline_mode(args: argparse.Namespace, dataset: SegmentationDataset, config, run: RunManifest) -> Path | None:
     """Mode (a): run the inference pipeline on the dataset's images, writing infer.py outputs to a folder.
 
     The folder (``run.out_dir``, see :func:`prediction_dir`) is then scored like ``--predictions``; with
-    ``--skip-existing`` an interrupted run resumes where it stopped. Returns the folder.
+    ``--skip-existing`` an interrupted run resumes where it stopped; ``--devices`` / ``--num-nodes`` share the images
+    between processes. Returns the folder (None in the helper processes of a multi-device run).
     """
-    from autoseg.cli.infer import build_pipeline, predict_files
+    from autoseg.cli.infer import segment_into
 
-    pipeline = build_pipeline(config)
     files = [(Path(s.image), Path(s.name)) for s in dataset.samples]
-    entries = predict_files(
-        pipeline,
-        files,
-        run.out_dir,
-        config.batch_size,
-        args.skip_existing,
-        progress=not args.no_progress,
-        max_pixels=args.max_pixels,
-        run=run,
-    )
+    entries = segment_into(args, config, files, run, progress=not args.no_progress)
+    if entries is None:
+        return None
     failed = [e for e in entries if e["status"] != "ok"]
     if failed:  # scored as missing predictions, and listed in the report
         print(f"eval.py: {len(failed)} images could not be segmented, e.g. {failed[0].get('reason')}", file=sys.stderr)
@@ -317,18 +310,17 @@ def _usage_checks(args: argparse.Namespace, stack: contextlib.ExitStack):
     Returns the pipeline config and the entered prediction-folder :class:`RunManifest` (both None with
     ``--predictions``). Raises ValueError (or ``ModelLoadError``/``OSError``) with a one-line message.
     """
-    from autoseg.cli.infer import config_from_args
+    from autoseg.cli.infer import check_run_args, config_from_args, launch_rank
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
-    if args.max_pixels < 1:
-        raise ValueError(f"--max-pixels must be a positive number of pixels, got {args.max_pixels}")
+    check_run_args(args)
     prepare_output_dir(Path(args.report).resolve().parent, "report folder")
     if args.predictions is not None:
         return None, None
     config = config_from_args(args)
     out_dir = prepare_output_dir(prediction_dir(args), "predictions folder")
-    return config, stack.enter_context(RunManifest(out_dir, {"config": to_dict(config)}))
+    return config, stack.enter_context(RunManifest(out_dir, {"config": to_dict(config)}, rank=launch_rank(args)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -351,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pred_dir = args.predictions
             if pred_dir is None:
                 pred_dir = run_pipeline_mode(args, dataset, config, run)
+                if pred_dir is None:  # a helper process of a multi-device run: rank 0 scores
+                    return 0
             report = evaluate_predictions(
                 pred_dir, dataset, mapper, args.absent_rule, args.missing, not args.no_progress, args.mapper
             )

@@ -177,7 +177,7 @@ def test_status_lines_survive_a_torn_last_line(tmp_path):
         entry = {"input": "c.png", "output": "c", "status": "ok"}
         run.start([entry])
         run.record(entry)
-    assert set(read_status_lines(lines)) == {"a", "c"}
+    assert set(read_status_lines(tmp_path)) == {"a", "c"}
 
 
 # ------------------------------------------------------------------ output folders that cannot be written
@@ -201,7 +201,7 @@ def test_unusable_output_folder_is_a_usage_error_before_models_load(
 def test_full_disk_stops_the_run_and_leaves_only_complete_sets(tmp_path, tiny_blip_dir, tiny_clipseg_dir, monkeypatch):
     names = make_photos(tmp_path / "in", 4)
     out = tmp_path / "out"
-    real, calls = outputs.save_image_atomic, []
+    real, calls = outputs.files.save_image_atomic, []
 
     def fill_up(path, image, **kw):
         calls.append(path)
@@ -209,7 +209,7 @@ def test_full_disk_stops_the_run_and_leaves_only_complete_sets(tmp_path, tiny_bl
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, image, **kw)
 
-    monkeypatch.setattr(outputs, "save_image_atomic", fill_up)
+    monkeypatch.setattr(outputs.files, "save_image_atomic", fill_up)
     assert infer(tmp_path / "in", out, tiny_blip_dir, tiny_clipseg_dir, "--batch-size", "4") == 1
     assert prediction_complete(out, "p0") is not None
     for n in names[1:]:  # nothing half-written stays behind
@@ -217,7 +217,7 @@ def test_full_disk_stops_the_run_and_leaves_only_complete_sets(tmp_path, tiny_bl
     assert not list(out.glob(".*.tmp*"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["complete"] is False and "No space left" in manifest["inputs"][1]["reason"]
-    monkeypatch.setattr(outputs, "save_image_atomic", real)
+    monkeypatch.setattr(outputs.files, "save_image_atomic", real)
     assert infer(tmp_path / "in", out, tiny_blip_dir, tiny_clipseg_dir, "--skip-existing") == 0
     assert all(prediction_complete(out, n) is not None for n in names)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
+import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from tqdm import tqdm
 from autoseg.config import load_config, preset_path, to_dict
 from autoseg.config_checks import check_runtime
 from autoseg.models.loading import ModelLoadError
-from autoseg.outputs import RunManifest, prediction_complete, write_prediction
+from autoseg.outputs import OutputWriteError, RunManifest, SegmentationWriter, plan_outputs
 from autoseg.utils.io import DEFAULT_MAX_PIXELS, ImageReadError, find_images, load_image, prepare_output_dir
 
 log = logging.getLogger("autoseg.infer")
@@ -64,7 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument("--skip-existing", action="store_true", help="keep outputs already in DIR, process the rest")
-    return add_pipeline_args(p)
+    return add_device_args(add_pipeline_args(p))
+
+
+def add_device_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--devices`` / ``--num-nodes``: share the inputs between processes (Lightning DDP; shared by eval.py)."""
+    g = p.add_argument_group("multi-device")
+    g.add_argument(
+        "--devices", type=int, default=1, metavar="N", help="processes per node, one per GPU (on CPU: N processes)"
+    )
+    g.add_argument("--num-nodes", type=int, default=1, metavar="M", help="machines (torchrun / SLURM; default 1)")
+    return p
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
@@ -133,13 +142,14 @@ def predict_files(
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     run: RunManifest | None = None,
 ) -> list[dict]:
-    """Segment ``(file, output stem)`` pairs into ``out_dir``; returns one manifest entry per file.
+    """Segment ``(file, output stem)`` pairs into ``out_dir`` in this process; returns one manifest entry per file.
 
     A file that cannot be read or segmented is recorded with ``status: error`` and a reason; the others are still
     written. Each image's outputs are committed together (:func:`autoseg.outputs.write_prediction`), its status is
     appended to ``manifest.jsonl`` at once and ``manifest.json`` is written at the start and the end
     (:class:`autoseg.outputs.RunManifest`), so a killed run loses nothing it finished and resumes with
-    ``skip_existing``. A full disk stops the run with :class:`OutputWriteError` after recording what was done.
+    ``skip_existing``. A full disk stops the run with :class:`autoseg.outputs.OutputWriteError` after recording what
+    was done.
 
     Args:
         run: an entered :class:`RunManifest` for ``out_dir`` (None: lock the folder here).
@@ -149,18 +159,9 @@ def predict_files(
             return predict_files(
                 pipeline, files, out_dir, batch_size, skip_existing, progress=progress, max_pixels=max_pixels, run=run
             )
-    entries: list[dict] = []
-    todo: list[tuple[Path, Path, dict]] = []
-    for file, stem in files:
-        entry = {"input": str(file), "output": Path(stem).as_posix(), "status": "pending"}
-        entries.append(entry)
-        vocabulary = prediction_complete(out_dir, stem) if skip_existing else None
-        if vocabulary is not None:
-            entry.update(status="ok", skipped=True, vocabulary=vocabulary)
-        else:
-            todo.append((file, stem, entry))
+    entries, todo = plan_outputs(files, out_dir, skip_existing)
     run.start(entries)
-
+    writer = SegmentationWriter(out_dir, run)
     bar = tqdm(total=len(todo), desc="segmenting", unit="img", disable=None if progress else True)
     try:
         for start in range(0, len(todo), batch_size):
@@ -169,11 +170,9 @@ def predict_files(
                 try:
                     batch.append((load_image(file, max_pixels), file, stem, entry))
                 except ImageReadError as e:
-                    entry.update(status="error", reason=str(e))
-                    run.record(entry)
-                    log.warning("skipped %s", e)
+                    writer.fail(entry, str(e))
                     bar.update(1)
-            _run_batch(pipeline, batch, out_dir, run)
+            writer(pipeline, batch)
             bar.update(len(batch))
     except OutputWriteError:
         with contextlib.suppress(OSError):
@@ -183,6 +182,36 @@ def predict_files(
         bar.close()
     run.finish()
     return entries
+
+
+def segment_into(
+    args: argparse.Namespace, config, files: Sequence[tuple[Path, Path]], run: RunManifest, progress: bool = True
+) -> list[dict] | None:
+    """Segment ``files`` into ``run.out_dir`` in one process, or on ``--devices``/``--num-nodes`` through Lightning.
+
+    Returns the manifest entries, or None in the helper processes of a multi-device run (rank > 0).
+    """
+    if args.devices * args.num_nodes > 1:
+        from autoseg.lit.predictor import predict_on_devices
+
+        return predict_on_devices(
+            config, files, run, args.devices, args.num_nodes, args.skip_existing, args.max_pixels, progress
+        )
+    pipeline = build_pipeline(config)
+    return predict_files(
+        pipeline, files, run.out_dir, config.batch_size, args.skip_existing, max_pixels=args.max_pixels, run=run
+    )
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+    """Numbers of the run flags shared by infer.py and eval.py (pipeline mode)."""
+    for flag, value in (
+        ("--max-pixels", args.max_pixels),
+        ("--devices", args.devices),
+        ("--num-nodes", args.num_nodes),
+    ):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive number, got {value}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -195,27 +224,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with contextlib.ExitStack() as stack:
         try:
-            if args.max_pixels < 1:
-                raise ValueError(f"--max-pixels must be a positive number of pixels, got {args.max_pixels}")
+            check_run_args(args)
             found = find_images(args.paths)
             if not found:
                 raise ValueError(f"no files found in {' '.join(args.paths)}")
             config = config_from_args(args)
             out_dir = prepare_output_dir(args.output)
-            run = stack.enter_context(RunManifest(out_dir, {"config": to_dict(config)}))
-            pipeline = build_pipeline(config)
-        except (FileNotFoundError, ValueError, ModelLoadError, OSError) as e:
-            print(f"infer.py: error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-
-        files = [(file, stem) for (file, _), stem in zip(found, unique_stems(found), strict=True)]
-        try:
-            entries = predict_files(
-                pipeline, files, out_dir, config.batch_size, args.skip_existing, max_pixels=args.max_pixels, run=run
-            )
+            run = stack.enter_context(RunManifest(out_dir, {"config": to_dict(config)}, rank=launch_rank(args)))
+            files = [(file, stem) for (file, _), stem in zip(found, unique_stems(found), strict=True)]
+            entries = segment_into(args, config, files, run)
         except OutputWriteError as e:
             print(f"infer.py: error: {e.strerror}", file=sys.stderr)
             return EXIT_SOME_FAILED
+        except (FileNotFoundError, ValueError, ModelLoadError, OSError) as e:
+            print(f"infer.py: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+    if entries is None:  # a helper process of a multi-device run: rank 0 reports
+        return EXIT_OK
     failed = [e for e in entries if e["status"] != "ok"]
     print(f"{len(entries) - len(failed)} of {len(entries)} inputs segmented; outputs in {args.output}")
     for e in failed:
@@ -223,44 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-class OutputWriteError(OSError):
-    """Outputs cannot be written at all (disk full, read-only file system): the run stops, finished sets are kept."""
+def launch_rank(args: argparse.Namespace) -> int:
+    """This process's global rank in a ``--devices``/``--num-nodes`` run, from the launcher's environment (0: first).
 
-
-FATAL_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def _run_batch(pipeline, batch: list, out_dir: Path, run: RunManifest) -> None:
-    """Segment a batch; if the batch fails, retry image by image so that one bad input costs only itself."""
-    if not batch:
-        return
-    t0 = time.perf_counter()
-    try:
-        preds = pipeline([b[0] for b in batch])
-    except Exception:  # noqa: BLE001 - isolate the failing image below
-        if len(batch) > 1:
-            for item in batch:
-                _run_batch(pipeline, [item], out_dir, run)
-            return
-        _, file, _, entry = batch[0]
-        log.exception("failed on %s", file)
-        entry.update(status="error", reason=f"{file}: pipeline failed ({sys.exc_info()[1]!r})")
-        run.record(entry)
-        return
-    seconds = (time.perf_counter() - t0) / len(batch)
-    for (image, file, stem, entry), pred in zip(batch, preds, strict=True):
-        try:
-            pred.extra["seconds"] = round(seconds, 3)
-            write_prediction(out_dir, stem, image, str(file), pred)
-            entry.update(status="ok", vocabulary=pred.vocabulary)
-        except OSError as e:
-            entry.update(status="error", reason=f"{file}: could not write outputs ({e})")
-            if e.errno in FATAL_WRITE_ERRORS:
-                with contextlib.suppress(OSError):
-                    run.record(entry)
-                raise OutputWriteError(
-                    e.errno,
-                    f"cannot write to {out_dir} ({e.strerror}); the images finished "
-                    "before are complete: make room and rerun with --skip-existing",
-                ) from e
-        run.record(entry)
+    Lightning's launcher re-runs the command with ``LOCAL_RANK`` set; torchrun and SLURM set ``RANK``/``SLURM_PROCID``.
+    """
+    if args.devices * args.num_nodes == 1:
+        return 0
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return int(os.environ.get("NODE_RANK", 0)) * args.devices + int(os.environ.get("LOCAL_RANK", 0))

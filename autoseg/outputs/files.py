@@ -11,9 +11,7 @@ The JSON is written last: an image's set counts as written only once its JSON ex
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,107 +198,3 @@ def read_prediction(pred_dir: str | Path, stem: str | Path) -> tuple[np.ndarray,
     if label_map.max(initial=0) > len(vocabulary):
         raise ValueError(f"{png}: label {label_map.max()} exceeds the vocabulary of {len(vocabulary)} names in {js}")
     return label_map, list(vocabulary)
-
-
-class OutputBusyError(ValueError):
-    """Another run holds the output folder."""
-
-
-class RunManifest:
-    """Bookkeeping of one run into an output folder, linear in the number of inputs and safe against kills.
-
-    - ``.autoseg.lock``: an exclusive lock held for the whole run; a second run into the same folder is refused
-      (:class:`OutputBusyError`) instead of interleaving its files and manifest with the first. The kernel drops the
-      lock when the process dies, so a killed run never blocks its resume.
-    - ``manifest.jsonl``: one line per input as soon as its status is final, appended (O(N) bytes in all); it survives
-      a kill, and later runs into the folder merge it.
-    - ``manifest.json``: ``{**extra, "complete": bool, "inputs": [...]}`` written at the start of a run (inputs
-      ``pending`` or already done) and again at the end, merged with earlier runs' entries for other outputs.
-
-    Use as a context manager; :meth:`start` with this run's entries, :meth:`record` per finished input, :meth:`finish`.
-    """
-
-    LOCK, LINES, MANIFEST = ".autoseg.lock", "manifest.jsonl", "manifest.json"
-
-    def __init__(self, out_dir: str | Path, extra: dict[str, Any] | None = None):
-        self.out_dir = Path(out_dir)
-        self.extra = dict(extra or {})
-        self.entries: list[dict] = []
-        self.earlier: dict[str, dict] = {}
-        self._lock = None
-        self._lines = None
-
-    def __enter__(self) -> RunManifest:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(self.out_dir / self.LOCK, "a+")  # noqa: SIM115 - held open until __exit__
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            lock.close()
-            raise OutputBusyError(
-                f"output folder {self.out_dir} is in use by another AutoSeg run (pid {holder}); wait for it to finish "
-                "or choose another folder"
-            ) from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        self._lock = lock
-        remove_stale_temporaries(self.out_dir / self.MANIFEST)
-        self.earlier = read_status_lines(self.out_dir / self.LINES)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._lines is not None:
-            self._lines.close()
-        if self._lock is not None:
-            self._lock.close()  # releases the lock
-        self._lines = self._lock = None
-
-    def start(self, entries: list[dict]) -> None:
-        """Register this run's entries (the same dicts are updated in place) and write the first manifest."""
-        assert self._lock is not None, "use RunManifest as a context manager"
-        self.entries = entries
-        self._write_manifest(complete=False)
-        lines = self.out_dir / self.LINES
-        torn = False
-        if lines.is_file() and lines.stat().st_size > 0:
-            with open(lines, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                torn = f.read(1) != b"\n"
-        self._lines = open(lines, "a", encoding="utf-8")  # noqa: SIM115
-        if torn:  # a kill mid-line: end that line so the next entry starts on its own
-            self._lines.write("\n")
-
-    def record(self, entry: dict) -> None:
-        """Append the final status of one input (one ``write`` of one line: a kill leaves whole lines)."""
-        self._lines.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        self._lines.flush()
-
-    def finish(self, complete: bool = True) -> None:
-        """Write the final manifest (``complete`` False: the run stopped early; pending inputs stay pending)."""
-        self._write_manifest(complete)
-
-    def _write_manifest(self, complete: bool) -> None:
-        mine = {e["output"] for e in self.entries}
-        others = [e for key, e in self.earlier.items() if key not in mine]
-        atomic_write_json(
-            self.out_dir / self.MANIFEST, {**self.extra, "complete": complete, "inputs": self.entries + others}
-        )
-
-
-def read_status_lines(path: str | Path) -> dict[str, dict]:
-    """The last status line per output of a ``manifest.jsonl`` (a torn last line from a kill is ignored)."""
-    out: dict[str, dict] = {}
-    path = Path(path)
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(entry, dict) and isinstance(entry.get("output"), str):
-            out[entry["output"]] = entry
-    return out

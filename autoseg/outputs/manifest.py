@@ -1,0 +1,172 @@
+"""The bookkeeping of a run into an output folder: a lock, per-input status lines, ``manifest.json``."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from autoseg.utils.io import atomic_write_json, atomic_write_text, remove_stale_temporaries
+
+
+class OutputBusyError(ValueError):
+    """Another run holds the output folder."""
+
+
+class RunManifest:
+    """Bookkeeping of one run into an output folder, linear in the number of inputs and safe against kills.
+
+    - ``.autoseg.lock``: an exclusive lock held by the run's first process (rank 0) for the whole run; a second run
+      into the same folder is refused (:class:`OutputBusyError`) instead of interleaving its files and manifest with
+      the first. The kernel drops the lock when the process dies, so a killed run never blocks its resume.
+    - ``manifest.jsonl`` (``manifest.rankR.jsonl`` for the other processes of a multi-device run): one line per input
+      as soon as its status is final, appended (O(N) bytes in all); it survives a kill. Rank 0 folds the other ranks'
+      files into ``manifest.jsonl`` when the next run starts.
+    - ``manifest.json`` (rank 0): ``{**extra, "complete": bool, "inputs": [...]}`` written at the start of a run
+      (inputs ``pending`` or already done) and again at the end, merged with earlier runs' entries for other outputs.
+
+    Use as a context manager; :meth:`start` with this run's entries, :meth:`record` per finished input, :meth:`finish`.
+
+    Args:
+        out_dir: the output folder.
+        extra: fields written at the top of ``manifest.json`` (e.g. the resolved config).
+        rank: this process's global rank in a multi-device run (0 for a single process).
+    """
+
+    LOCK, LINES, MANIFEST = ".autoseg.lock", "manifest.jsonl", "manifest.json"
+
+    def __init__(self, out_dir: str | Path, extra: dict[str, Any] | None = None, rank: int = 0):
+        self.out_dir = Path(out_dir)
+        self.extra = dict(extra or {})
+        self.rank = rank
+        self.entries: list[dict] = []
+        self.earlier: dict[str, dict] = {}
+        self.recorded: dict[str, dict] = {}  # this process's status lines of this run
+        self._lock = None
+        self._lines = None
+        self._entered = False
+
+    @property
+    def lines_path(self) -> Path:
+        return self.out_dir / (self.LINES if self.rank == 0 else f"manifest.rank{self.rank}.jsonl")
+
+    def __enter__(self) -> RunManifest:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._entered = True
+        if self.rank != 0:
+            return self
+        lock = open(self.out_dir / self.LOCK, "a+")  # noqa: SIM115 - held open until __exit__
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise OutputBusyError(
+                f"output folder {self.out_dir} is in use by another AutoSeg run (pid {holder}); wait for it to finish "
+                "or choose another folder"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
+        remove_stale_temporaries(self.out_dir / self.MANIFEST)
+        remove_stale_temporaries(self.out_dir / self.LINES)
+        self.earlier = read_status_lines(self.out_dir)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lines is not None:
+            self._lines.close()
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+        self._lines = self._lock = None
+
+    def start(self, entries: list[dict]) -> None:
+        """Register this run's entries (the same dicts are updated in place) and write the first manifest.
+
+        Rank 0 also folds the status files of an earlier multi-device run into ``manifest.jsonl``; call it before the
+        other ranks start.
+        """
+        assert self._entered, "use RunManifest as a context manager"
+        self.entries = entries
+        if self.rank == 0:
+            self._write_manifest(complete=False)
+            rank_files = _rank_files(self.out_dir)
+            if rank_files:
+                text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.earlier.values())
+                atomic_write_text(self.out_dir / self.LINES, text)
+                for f in rank_files:
+                    f.unlink()
+        self._lines = _open_for_append(self.lines_path)
+
+    def record(self, entry: dict) -> None:
+        """Append the final status of one input (one ``write`` of one line: a kill leaves whole lines)."""
+        self._lines.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._lines.flush()
+        self.recorded[entry["output"]] = dict(entry)
+
+    def finish(self, complete: bool = True) -> None:
+        """Rank 0: take the other ranks' statuses and write the final manifest (``complete`` False: stopped early).
+
+        Call it after every rank has finished (a barrier); the other ranks' calls do nothing.
+        """
+        if self.rank != 0:
+            return
+        done = dict(self.recorded)  # entries may have been copied on their way through a data loader
+        for f in _rank_files(self.out_dir):
+            done.update(_read_lines(f))
+        for entry in self.entries:
+            if entry["status"] == "pending" and entry["output"] in done:
+                entry.update(done[entry["output"]])
+        self._write_manifest(complete and all(e["status"] != "pending" for e in self.entries))
+
+    def _write_manifest(self, complete: bool) -> None:
+        mine = {e["output"] for e in self.entries}
+        others = [e for key, e in self.earlier.items() if key not in mine]
+        atomic_write_json(
+            self.out_dir / self.MANIFEST, {**self.extra, "complete": complete, "inputs": self.entries + others}
+        )
+
+
+def read_status_lines(out_dir: str | Path) -> dict[str, dict]:
+    """The last status line per output in ``out_dir``'s ``manifest.jsonl`` and ``manifest.rankR.jsonl`` files."""
+    out = _read_lines(Path(out_dir) / RunManifest.LINES)
+    for f in _rank_files(out_dir):  # left by a killed multi-device run, newer than manifest.jsonl
+        out.update(_read_lines(f))
+    return out
+
+
+def _rank_files(out_dir: str | Path) -> list[Path]:
+    return sorted(Path(out_dir).glob("manifest.rank*.jsonl"))
+
+
+def _read_lines(path: Path) -> dict[str, dict]:
+    """The last line per output of one status file (a torn last line from a kill is ignored)."""
+    out: dict[str, dict] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("output"), str):
+            out[entry["output"]] = entry
+    return out
+
+
+def _open_for_append(path: Path):
+    """Open a status file for appending; a line torn by a kill is ended first so the next one starts on its own."""
+    torn = False
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            torn = f.read(1) != b"\n"
+    handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by RunManifest.__exit__
+    if torn:
+        handle.write("\n")
+        handle.flush()
+    return handle
