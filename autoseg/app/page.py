@@ -1,0 +1,266 @@
+"""The Gradio page: input (upload or sample), settings, the segmentation with its legend and names, the vocabulary
+editor, the BBoost clusters and the downloads. Each handler returns the page's new values; a bad input or a failed
+request puts a message in the status box and leaves the rest of the page as it was."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before Gradio is imported: no telemetry, no version check
+
+import gradio as gr  # noqa: E402
+
+from autoseg.app.backend import (  # noqa: E402
+    DemoBackend,
+    PageResult,
+    Settings,
+    cluster_annotations,
+    cluster_rows,
+    colours,
+    edit_vocabulary,
+    highlight,
+    label_annotations,
+    name_rows,
+)
+from autoseg.utils.io import ImageReadError  # noqa: E402
+
+log = logging.getLogger("autoseg.app")
+
+NAME_HEADERS = ["name", "pixel share (%)"]
+CLUSTER_HEADERS = ["cluster", "share (%)", "nouns", "captions"]
+NO_INPUT = "Upload an image or pick a sample first."
+
+
+class Handlers:
+    """The page's event handlers, callable without a browser (tests call them directly).
+
+    ``run`` returns ``(result, segmentation, names, name choice, selected view, clusters, cluster table, downloads,
+    status)``; ``edit`` the same and the new-name box. A value that should stay as it is is ``gr.skip()``.
+    """
+
+    def __init__(self, backend: DemoBackend, samples: Sequence[Path]):
+        self.backend = backend
+        self.samples = [Path(s) for s in samples]
+
+    # ------------------------------------------------------------------------------------------------------ input
+    def choose_upload(self, path: str | None) -> tuple:
+        """An uploaded file: ``(chosen, preview, status)``; a bad file leaves nothing chosen and says why."""
+        if not path:
+            return None, None, NO_INPUT
+        name = Path(path).name
+        try:
+            image = self.backend.load(path, name)
+        except ImageReadError as e:
+            return None, None, f"Cannot use this file: {e}"
+        return (image, name), image, f"{name}: {image.width} x {image.height} px. Press Segment."
+
+    def choose_sample(self, evt: gr.SelectData) -> tuple:
+        """A sample picked in the gallery (``evt.index``): ``(chosen, preview, status)``."""
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        return self.choose_upload(str(self.samples[index]))
+
+    # ------------------------------------------------------------------------------------------------------ results
+    def run(self, chosen, seed, k_min, k_max, n_passes, threshold) -> tuple:
+        """Cluster, caption and segment the chosen image with the page's settings."""
+        if chosen is None:
+            return self._failed(NO_INPUT)
+        image, name = chosen
+        try:
+            settings = Settings.parse(seed, k_min, k_max, n_passes, threshold)
+            settings.apply(self.backend.config)
+        except ValueError as e:
+            return self._failed(f"Check the settings: {e}")
+        try:
+            result = self.backend.analyse(image, name, settings)
+        except Exception as e:  # noqa: BLE001 - one failed request must not take the page down
+            log.exception("segmentation of %s failed", name)
+            return self._failed(f"Segmentation failed ({type(e).__name__}: {e}); try another image or other settings.")
+        pred = result.prediction
+        seconds = pred.extra.get("seconds_vocabulary", 0) + pred.extra["seconds_segmenter"]
+        names = ", ".join(pred.vocabulary) or "none"
+        return self._show(
+            result,
+            f"{name}: found {len(pred.vocabulary)} names: {names} ({seconds:.1f} s). Hover a name in the legend to "
+            "highlight its mask; click it to edit it.",
+        )
+
+    def edit(self, action: str, result: PageResult | None, name, new_name, threshold) -> tuple:
+        """Edit the vocabulary (``remove``, ``add``, ``rename``), or ``resegment`` it with the current threshold, or
+        ``reset`` it to the names found; then re-segment (the segmenter alone). Returns the run outputs + new-name box.
+        """
+        if result is None:
+            return (*self._failed("Segment an image first; then edit its names."), gr.skip())
+        vocabulary = result.prediction.vocabulary
+        try:
+            if action == "reset":
+                vocabulary = result.found.vocabulary
+            elif action != "resegment":
+                vocabulary = edit_vocabulary(vocabulary, action, name or "", new_name or "")
+            if threshold is None or threshold == "":
+                raise ValueError("setting 'segmenter threshold' is empty; enter a number in [0, 1]")
+            out = self.backend.resegment(result, vocabulary, float(threshold))
+        except ValueError as e:
+            return (*self._failed(str(e)), gr.skip())
+        except Exception as e:  # noqa: BLE001
+            log.exception("re-segmenting %s failed", result.name)
+            return (*self._failed(f"Re-segmenting failed ({type(e).__name__}: {e})."), gr.skip())
+        done = {
+            "remove": f"Removed '{name}'",
+            "add": f"Added '{' '.join(str(new_name).split())}'",
+            "rename": f"Renamed '{name}' to '{' '.join(str(new_name).split())}'",
+            "resegment": f"Threshold {out.settings.threshold:g}",
+            "reset": "Back to the names found",
+        }[action]
+        names = ", ".join(out.prediction.vocabulary) or "none (every pixel is unlabelled)"
+        status = f"{done}; re-segmented without recaptioning. Names: {names}."
+        return (*self._show(out, status), "")
+
+    def pick(self, result: PageResult | None, evt: gr.SelectData):
+        """A name clicked in the legend or the names table becomes the one to edit (and is highlighted)."""
+        if result is None:
+            return gr.skip()
+        value = evt.row_value[0] if getattr(evt, "row_value", None) else evt.value
+        return value if value in result.prediction.vocabulary else gr.skip()
+
+    def select_view(self, result: PageResult | None, name: str | None):
+        """The image with ``name``'s mask highlighted (the rest dimmed)."""
+        return None if result is None else highlight(result, name)
+
+    def _show(self, result: PageResult, status: str) -> tuple:
+        pred = result.prediction
+        image, masks = label_annotations(result)
+        cimage, cmasks, ccolours = cluster_annotations(result)
+        return (
+            result,
+            gr.AnnotatedImage(value=(image, masks), color_map=colours(pred.vocabulary)),
+            name_rows(pred),
+            gr.Dropdown(choices=list(pred.vocabulary), value=None),
+            None,
+            gr.AnnotatedImage(value=(cimage, cmasks), color_map=ccolours),
+            cluster_rows(result),
+            [str(f) for f in result.files],
+            status,
+        )
+
+    @staticmethod
+    def _failed(status: str) -> tuple:
+        return (*(gr.skip(),) * 8, status)
+
+
+def build_page(backend: DemoBackend, samples: Sequence[Path], source: str = "") -> gr.Blocks:
+    """The page (not launched). Model calls are queued one at a time; light events (uploads, picks) are not.
+
+    Args:
+        source: how the pipeline was chosen, shown on the page (e.g. ``--preset demo``).
+    """
+    h = Handlers(backend, samples)
+    d = backend.defaults
+    k_top = max(16, d.k_max)
+    source = source or f"BLIP `{backend.config.blip}`, segmenter `{backend.config.segmenter.source}`"
+    with gr.Blocks(title="AutoSeg demo", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+        gr.Markdown(
+            "## AutoSeg: auto-vocabulary semantic segmentation\n"
+            "Upload an image or pick a sample, then press **Segment**. AutoSeg groups the image (BBoost clusters), "
+            "captions each group (BLIP), takes the nouns as the vocabulary and segments the image with it. Edit the "
+            f"names to re-segment without recaptioning. Pipeline: {source}."
+        )
+        chosen = gr.State(None, time_to_live=3600)
+        result = gr.State(None, time_to_live=3600)
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                upload = gr.File(label="Upload an image", type="filepath", height=140, elem_id="upload")
+                gallery = gr.Gallery(
+                    value=[str(s) for s in h.samples],
+                    label="...or pick a sample",
+                    columns=3,
+                    height=220,
+                    object_fit="contain",
+                    allow_preview=False,
+                    interactive=False,
+                    elem_id="samples",
+                )
+                preview = gr.Image(label="Input", interactive=False, height=200, elem_id="preview")
+                with gr.Accordion("Settings", open=True):
+                    seed = gr.Number(d.seed, label="seed", precision=0, minimum=0, elem_id="seed")
+                    k_min = gr.Slider(1, k_top, value=d.k_min, step=1, label="k min (fewest clusters)")
+                    k_max = gr.Slider(1, k_top, value=d.k_max, step=1, label="k max (most clusters)")
+                    n_passes = gr.Slider(1, 10, value=d.n_passes, step=1, label="caption passes per cluster")
+                    threshold = gr.Slider(
+                        0,
+                        1,
+                        value=d.threshold,
+                        step=0.05,
+                        label="segmenter threshold (0: every pixel gets a name)"
+                        if backend.has_threshold
+                        else "segmenter threshold (this segmenter has none)",
+                        interactive=backend.has_threshold,
+                    )
+                run = gr.Button("Segment", variant="primary", elem_id="run")
+            with gr.Column(scale=3):
+                status = gr.Textbox(label="Status", value=NO_INPUT, interactive=False, lines=2, elem_id="status")
+                with gr.Row():
+                    segmentation = gr.AnnotatedImage(
+                        label="Segmentation: hover a name to highlight its mask, click it to edit it",
+                        height=400,
+                        scale=3,
+                        elem_id="segmentation",
+                    )
+                    with gr.Column(scale=2):
+                        names = gr.Dataframe(
+                            headers=NAME_HEADERS, label="Names", interactive=False, column_count=2, elem_id="names"
+                        )
+                        selected = gr.Image(label="Selected name", interactive=False, height=200, elem_id="selected")
+                with gr.Row(equal_height=True):
+                    name = gr.Dropdown(choices=[], label="Name to edit", interactive=True, elem_id="name")
+                    new_name = gr.Textbox(label="New name (to add, or to rename to)", elem_id="new-name")
+                with gr.Row():
+                    remove = gr.Button("Remove", elem_id="remove")
+                    rename = gr.Button("Rename", elem_id="rename")
+                    add = gr.Button("Add", elem_id="add")
+                    resegment = gr.Button("Re-segment", elem_id="resegment")
+                    reset = gr.Button("Reset names", elem_id="reset")
+                with gr.Accordion("BBoost clusters: each cluster's captions and nouns", open=True):
+                    with gr.Row():
+                        clusters = gr.AnnotatedImage(label="Cluster map", height=320, scale=2, elem_id="clusters")
+                        cluster_table = gr.Dataframe(
+                            headers=CLUSTER_HEADERS,
+                            interactive=False,
+                            wrap=True,
+                            column_count=4,
+                            column_widths=["12%", "14%", "20%", "54%"],
+                            scale=3,
+                            elem_id="cluster-table",
+                        )
+                downloads = gr.File(
+                    label="Downloads: label map (PNG), JSON, overlay (the files infer.py writes)",
+                    file_count="multiple",
+                    interactive=False,
+                    elem_id="downloads",
+                )
+
+        outputs = [result, segmentation, names, name, selected, clusters, cluster_table, downloads, status]
+        upload.upload(h.choose_upload, upload, [chosen, preview, status])
+        upload.clear(lambda: (None, None, NO_INPUT), None, [chosen, preview, status])
+        gallery.select(h.choose_sample, None, [chosen, preview, status])
+        model = {"concurrency_limit": 1, "concurrency_id": "models"}
+        run.click(h.run, [chosen, seed, k_min, k_max, n_passes, threshold], outputs, **model)
+        edits = [(remove, "remove"), (rename, "rename"), (add, "add"), (resegment, "resegment"), (reset, "reset")]
+        for button, action in edits:
+            button.click(_bind(h.edit, action), [result, name, new_name, threshold], [*outputs, new_name], **model)
+        segmentation.select(h.pick, result, name)
+        names.select(h.pick, result, name)
+        name.change(h.select_view, [result, name], selected)
+    return page
+
+
+def _bind(fn, action: str):
+    """``fn`` with its first argument fixed (a named function, so Gradio's API page shows a useful name)."""
+
+    def handler(*args):
+        return fn(action, *args)
+
+    handler.__name__ = f"{action}_name" if action in ("remove", "add", "rename") else action
+    return handler
