@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 import yaml
 
 from autoseg.models.blip import CAPTION_MODES, DEFAULT_BLIP, CaptionConfig
-from autoseg.models.segmenter import SEGMENTERS, SegmenterConfig
+from autoseg.models.segmenters import MODES as SEGMENTER_MODES
+from autoseg.models.segmenters import SEGMENTERS, SegmenterConfig
 from autoseg.vocab.bboost import BBoostConfig
 from autoseg.vocab.nouns import NounConfig
 
@@ -67,6 +68,9 @@ class PipelineConfig:
         device: "cpu", "cuda", "cuda:1", ... ("auto": cuda when available).
         dtype: "float32" (use on CPU), "float16" or "bfloat16" (GPU).
         batch_size: images encoded together.
+        max_names: keep at most this many vocabulary names, those of the largest clusters (None: no cap); the
+            segmenter's cost grows with the number of names.
+        compile: run BLIP's vision encoder through ``torch.compile`` (first batches slower while it compiles).
     """
 
     blip: str = DEFAULT_BLIP
@@ -81,6 +85,8 @@ class PipelineConfig:
     device: str = "auto"
     dtype: str = "float32"
     batch_size: int = 4
+    max_names: int | None = None
+    compile: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------- allowed ranges
@@ -147,6 +153,7 @@ RULES: dict[type, dict[str, Rule]] = {
         "device": rule(lambda v: _DEVICE_RE.fullmatch(v) is not None, f"one of {DEVICE_FORMS}", True),
         "dtype": one_of(DTYPES),
         "batch_size": at_least(1),
+        "max_names": at_least(1),
     },
     BBoostConfig: {
         "k_min": at_least(1),
@@ -178,16 +185,27 @@ RULES: dict[type, dict[str, Rule]] = {
         "min_length": at_least(0),
     },
     SegmenterConfig: {
-        "name": Rule(lambda v, _: v in SEGMENTERS, lambda _: f"one of {sorted(SEGMENTERS)}", True),
-        "source": NON_EMPTY,
+        "name": Rule(lambda v, _: v in SEGMENTERS, lambda _: f"one of {list(SEGMENTERS)}", True),
+        "source": rule(lambda v: len(v) > 0, "null (the backend's default model) or a string (not empty)", True),
+        "mode": Rule(
+            lambda v, c: v in SEGMENTER_MODES.get(c.name, ()),
+            lambda c: f"one of {list(SEGMENTER_MODES.get(c.name, ()))} for segmenter {c.name!r}, or null (its default)",
+            True,
+        ),
         "templates": rule(
             lambda v: len(v) > 0 and all(_template_ok(t) for t in v),
             "a non-empty list of strings, each with one '{}' for the name and no other braces",
             True,
         ),
         "threshold": between(0, 1),
+        "score_threshold": between(0, 1),
+        "box_threshold": between(0, 1),
+        "text_threshold": between(0, 1),
+        "sam_source": NON_EMPTY,
+        "max_instances": at_least(1),
         "image_size": at_least(1),
         "class_chunk": at_least(1),
+        "pair_chunk": at_least(1),
     },
 }
 
@@ -356,7 +374,7 @@ def _plain(x: Any) -> Any:
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-MODEL_PATH_KEYS = (("blip",), ("enhancer",), ("segmenter", "source"))
+MODEL_PATH_KEYS = (("blip",), ("enhancer",), ("segmenter", "source"), ("segmenter", "sam_source"))
 
 
 def presets() -> list[str]:

@@ -2,7 +2,8 @@
 
 :func:`check_runtime` runs after :func:`autoseg.config.load_config` and before any model loads: the device exists,
 the dtype suits it, the model paths exist, the scales fit BLIP's patch size, the segmenter's input size fits its patch
-size, the caption length fits BLIP's text decoder, and the enhancer was trained on tokens of BLIP's width.
+size, the caption length fits BLIP's text decoder, and the enhancer was trained on tokens of BLIP's width; the
+segmenter's model is of the kind its backend loads (a CLIPSeg for clipseg, a SAM 3 for sam3, ...).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 
 from autoseg.config import DEVICE_FORMS, ConfigError, PipelineConfig, blame_overrides, config_error, validate_config
+from autoseg.models.segmenters import DEFAULT_SOURCES, MODEL_TYPES, segmenter_source
+from autoseg.models.segmenters.grounded_sam import DEFAULT_SAM, grounded_sources
 
 
 def check_runtime(
@@ -54,7 +57,7 @@ def _check_runtime(config: PipelineConfig, source: str) -> None:
             source,
         )
     check_model_source("blip", config.blip, "--blip", source)
-    check_model_source("segmenter.source", config.segmenter.source, "--segmenter", source)
+    _check_segmenter_sources(config, source)
     if config.enhancer is not None and not Path(config.enhancer).expanduser().is_file():
         raise config_error(
             "enhancer",
@@ -65,9 +68,7 @@ def _check_runtime(config: PipelineConfig, source: str) -> None:
     blip = model_config(config.blip)
     if blip is not None:
         _check_blip(config, blip, source)
-    segmenter = model_config(config.segmenter.source)
-    if segmenter is not None:
-        _check_segmenter(config, segmenter, source)
+    _check_segmenter(config, source)
 
 
 def resolve_device(device: str, source: str = "config") -> torch.device:
@@ -196,14 +197,48 @@ def _enhancer_dim(path: str) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def _check_segmenter(config: PipelineConfig, segmenter: Any, source: str) -> None:
-    patch = _vision(segmenter, "patch_size")
-    size = config.segmenter.image_size
+def _check_segmenter_sources(config: PipelineConfig, source: str) -> None:
+    seg = config.segmenter
+    check_model_source("segmenter.source", segmenter_source(seg), "--segmenter", source)
+    if seg.name == "grounded_sam":  # its SAM: sam_source, the sam/ of a combined folder, or the default id
+        _, sam = grounded_sources(segmenter_source(seg), seg.sam_source)
+        check_model_source("segmenter.sam_source", sam, "segmenter.sam_source", source)
+
+
+def _check_segmenter(config: PipelineConfig, source: str) -> None:
+    seg = config.segmenter
+    where = segmenter_source(seg)
+    if seg.name == "grounded_sam":
+        where, sam_where = grounded_sources(where, seg.sam_source)
+        sam = model_config(sam_where)
+        if sam is not None and sam.model_type != "sam":
+            raise config_error(
+                "segmenter.sam_source",
+                f"{sam_where} holds a {sam.model_type!r} model; grounded_sam needs a SAM ('sam', e.g. {DEFAULT_SAM})",
+                source,
+            )
+    model = model_config(where)
+    if model is None:
+        return
+    expected = MODEL_TYPES[seg.name]
+    if model.model_type not in expected:
+        others = [name for name, types in MODEL_TYPES.items() if model.model_type in types]
+        hint = f"use --segmenter-backend {others[0]}, or " if others else ""
+        raise config_error(
+            "segmenter.source",
+            f"{where} holds a {model.model_type!r} model but segmenter {seg.name!r} loads {list(expected)}; "
+            f"{hint}pass a {seg.name} model with --segmenter (default {DEFAULT_SOURCES[seg.name]})",
+            source,
+        )
+    if seg.name != "clipseg":
+        return  # SAM 3, Grounding DINO and SAM take their input size from their processors
+    patch = _vision(model, "patch_size")
+    size = seg.image_size
     if patch is not None and size % patch:
         raise config_error(
             "segmenter.image_size",
             f"expected a multiple of the segmenter's patch size {patch} (vision_config.patch_size of "
-            f"{config.segmenter.source}; other sizes crop the image's right and bottom edge), got {size}; "
+            f"{where}; other sizes crop the image's right and bottom edge), got {size}; "
             f"e.g. {_nearest_multiples(size, patch)}",
             source,
         )

@@ -23,7 +23,7 @@ from autoseg.lit.checkpoints import CheckpointError, load_checkpoint
 from autoseg.models.blip import BlipCaptioner
 from autoseg.models.enhancer import EmbeddingEnhancer, EnhancerConfig, load_enhancer, save_enhancer
 from autoseg.models.loading import ModelLoadError
-from autoseg.models.segmenter import CLIPSegSegmenter
+from autoseg.models.segmenters import CLIPSegSegmenter
 
 
 class Payload:

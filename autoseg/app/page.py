@@ -25,6 +25,7 @@ from autoseg.app.backend import (  # noqa: E402
     label_annotations,
     name_rows,
 )
+from autoseg.models.segmenters import segmenter_source
 from autoseg.utils.io import ImageReadError  # noqa: E402
 
 log = logging.getLogger("autoseg.app")
@@ -159,7 +160,8 @@ def build_page(backend: DemoBackend, samples: Sequence[Path], source: str = "") 
     h = Handlers(backend, samples)
     d = backend.defaults
     k_top = max(16, d.k_max)
-    source = source or f"BLIP `{backend.config.blip}`, segmenter `{backend.config.segmenter.source}`"
+    seg = backend.config.segmenter
+    source = source or f"BLIP `{backend.config.blip}`, segmenter {seg.name} `{segmenter_source(seg)}`"
     with gr.Blocks(title="AutoSeg demo", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
         gr.Markdown(
             "## AutoSeg: auto-vocabulary semantic segmentation\n"

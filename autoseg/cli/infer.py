@@ -34,6 +34,14 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument("--blip", metavar="ID_OR_DIR", help="BLIP captioner: Hugging Face id or local directory")
     g.add_argument("--segmenter", metavar="ID_OR_DIR", help="segmenter weights: Hugging Face id or local directory")
+    from autoseg.models.segmenters import SEGMENTERS  # the backends' names, for --segmenter-backend
+
+    g.add_argument(
+        "--segmenter-backend",
+        choices=list(SEGMENTERS),
+        help=f"segmenter backend: {', '.join(SEGMENTERS)} (README: choosing a segmenter); with its default model "
+        "unless --segmenter is given",
+    )
     g.add_argument(
         "--enhancer",
         metavar="SAFETENSORS",
@@ -43,6 +51,7 @@ def add_pipeline_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="model dtype (float32 on CPU)")
     g.add_argument("--batch-size", type=int, help="images per batch (default 4)")
+    g.add_argument("--max-names", type=int, metavar="N", help="keep the names of the N largest clusters (default all)")
     g.add_argument(
         "--max-pixels",
         type=int,
@@ -78,11 +87,13 @@ def add_device_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     out: dict = {}
-    for key in ("blip", "enhancer", "seed", "device", "dtype", "batch_size"):
+    for key in ("blip", "enhancer", "seed", "device", "dtype", "batch_size", "max_names"):
         if getattr(args, key) is not None:
             out[key] = getattr(args, key)
+    if args.segmenter_backend is not None:  # another backend: its default model unless --segmenter names one
+        out["segmenter"] = {"name": args.segmenter_backend, "source": None}
     if args.segmenter is not None:
-        out["segmenter"] = {"source": args.segmenter}
+        out.setdefault("segmenter", {})["source"] = args.segmenter
     return out
 
 

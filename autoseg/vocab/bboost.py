@@ -55,6 +55,110 @@ def sine_position_code(height: int, width: int, dim: int, temperature: float = 1
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1) / math.sqrt(2 * quarter)  # unit norm per row
 
 
+# BLAS kernels for products with 1-3 rows or columns differ in the last bit from those for bigger ones (measured
+# with MKL). Which runs share a product depends on the batch, so tiny products are padded to the usual kernels.
+MIN_GEMM = 4
+
+
+def at_least(m: torch.Tensor, rows: int = MIN_GEMM) -> torch.Tensor:
+    """``B x C x K`` padded with zero rows to at least ``rows`` rows (dimension 1)."""
+    return F.pad(m, (0, 0, 0, rows - m.shape[1])) if m.shape[1] < rows else m
+
+
+def kmeans_draws(
+    n: int, k: int, n_init: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random numbers of one seeded k-means run, drawn in a fixed order so that batching cannot change them.
+
+    Returns:
+        ``R`` first-centre indices (long) and ``R x (k - 1)`` uniforms for the k-means++ picks (``R = n_init``).
+    """
+    first = torch.randint(n, (n_init,), generator=generator, device=device)
+    return first, torch.rand(n_init, k - 1, generator=generator, device=device)
+
+
+def batched_kmeans(
+    x: torch.Tensor, ks: Sequence[int], first: torch.Tensor, uniforms: torch.Tensor, max_iter: int = 100
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k-means for several images and several k at once: every image is clustered for every ``k`` in ``ks``.
+
+    k-means++ seeding picks each next centre by inverse-CDF sampling with the given uniforms (so the picks do not
+    depend on what else is in the batch); each run (image, k, restart) stops on its own when its labels no longer
+    change, exactly as if it ran alone, and runs that stopped in every image drop out of the computation. Centres
+    of a problem with ``k < max(ks)`` are padded; the padding never wins an assignment.
+
+    Args:
+        x: ``B x N x D`` points of ``B`` images.
+        ks: ``Q`` numbers of clusters (each ``1 <= k <= N``).
+        first: ``Q x R`` first-centre indices of the ``R`` restarts (see :func:`kmeans_draws`).
+        uniforms: ``Q x R x (max(ks) - 1)`` uniforms in [0, 1) of the k-means++ picks (columns ``>= k - 1`` unused).
+
+    Returns:
+        labels ``B x Q x N`` and centres ``B x Q x max(ks) x D`` of the lowest-inertia restart, and the inertia of
+        every restart ``B x Q x R``.
+    """
+    b, n, _ = x.shape
+    if any(not 1 <= k <= n for k in ks):
+        raise ValueError(f"k-means needs 1 <= k <= number of points, got k={list(ks)}, N={n}")
+    x = x.float()
+    q, r = first.shape
+    kmax, device = max(ks), x.device
+    k_run = torch.as_tensor(list(ks), device=device).repeat_interleave(r)  # P = Q * R runs per image
+    valid = torch.arange(kmax, device=device) < k_run[:, None]  # P x kmax: real centres of each run
+    sq = (x * x).sum(-1)  # B x N
+    rows = torch.arange(b, device=device)[:, None]
+
+    def dist2(c: torch.Tensor) -> torch.Tensor:  # B x C x D centres -> B x C x N squared distances
+        cross = torch.einsum("bnd,bcd->bcn", x, at_least(c))[:, : c.shape[1]]
+        return (sq[:, None, :] - 2 * cross + (c * c).sum(-1)[..., None]).clamp_min(0)
+
+    def distances(centres: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
+        """B x P' x kmax x D centres of ``runs`` -> B x P' x N x kmax distances (inf for padding centres)."""
+        i, j = valid[runs].nonzero(as_tuple=True)  # only real centres are computed
+        full = torch.full((b, len(runs), n, kmax), float("inf"), device=device)
+        full.transpose(-1, -2)[:, i, j] = dist2(centres[:, i, j])
+        return full
+
+    # k-means++ seeding, every image, k and restart at once
+    centres = x[rows, first.flatten()[None]][:, :, None, :]  # B x P x 1 x D
+    closest = dist2(centres[:, :, 0])  # B x P x N
+    draws = uniforms.reshape(q * r, -1)  # P x (kmax - 1)
+    for j in range(1, kmax):
+        weights = closest + 1e-12 * (closest.sum(-1, keepdim=True) == 0)  # all-duplicate points: uniform
+        cdf = weights.cumsum(-1)
+        target = draws[None, :, j - 1] * cdf[..., -1]  # B x P
+        idx = torch.searchsorted(cdf, target[..., None], right=True)[..., 0].clamp_max(n - 1)
+        new = x[rows, idx]  # B x P x D
+        centres = torch.cat([centres, new[:, :, None, :]], dim=-2)
+        grow = (k_run > j)[None, :, None]  # runs with fewer clusters ignore this centre
+        closest = torch.where(grow, torch.minimum(closest, dist2(new)), closest)
+
+    every = torch.arange(q * r, device=device)
+    labels = distances(centres, every).argmin(-1)  # B x P x N
+    done = torch.zeros(labels.shape[:-1], dtype=torch.bool, device=device)  # B x P
+    for _ in range(max_iter):
+        act = (~done).any(0).nonzero()[:, 0]  # runs still moving in some image
+        if act.numel() == 0:
+            break
+        lab, cen, fin = labels[:, act], centres[:, act], done[:, act]
+        i, j = valid[act].nonzero(as_tuple=True)  # real centres of the active runs
+        member = (lab[:, i, :] == j[None, :, None]).float()  # B x C x N
+        counts = member.sum(-1)  # B x C
+        mean = torch.bmm(at_least(member), x)[:, : member.shape[1]] / counts.clamp_min(1)[..., None]  # B x C x D
+        # an empty cluster keeps its previous centre; a converged run keeps its centres
+        moved = torch.where((counts[..., None] > 0) & ~fin[:, i, None], mean, cen[:, i, j])
+        cen[:, i, j] = moved
+        new_labels = distances(cen, act).argmin(-1)
+        changed = (new_labels != lab).any(-1) & ~fin
+        centres[:, act] = cen
+        labels[:, act] = torch.where(changed[..., None], new_labels, lab)
+        done[:, act] = ~changed
+    dist = distances(centres, every)  # B x P x N x kmax
+    inertia = dist.gather(-1, labels[..., None])[..., 0].sum(-1).reshape(b, q, r)  # B x Q x R
+    best = inertia.argmin(-1) + torch.arange(q, device=device) * r  # B x Q, as run indices
+    return labels[rows, best], centres[rows, best], inertia
+
+
 def kmeans(
     x: torch.Tensor, k: int, n_init: int = 8, max_iter: int = 100, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,39 +171,12 @@ def kmeans(
     Returns:
         labels ``N`` (long) and centres ``k x D``.
     """
-    n, _ = x.shape
+    n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k-means needs 1 <= k <= number of points, got k={k}, N={n}")
-    x = x.float()
-    sq = (x * x).sum(1)  # N
-
-    def dist2(c: torch.Tensor) -> torch.Tensor:  # R x k x D -> R x N x k squared distances
-        return (sq[None, :, None] - 2 * torch.einsum("nd,rkd->rnk", x, c) + (c * c).sum(-1)[:, None, :]).clamp_min(0)
-
-    # k-means++ seeding, all restarts at once
-    first = torch.randint(n, (n_init,), generator=generator, device=x.device)
-    centres = x[first][:, None, :]  # R x 1 x D
-    closest = dist2(centres)[..., 0]  # R x N
-    for _ in range(1, k):
-        weights = closest + 1e-12 * (closest.sum(1, keepdim=True) == 0)  # all-duplicate points: uniform
-        idx = torch.multinomial(weights, 1, generator=generator)[:, 0]  # R
-        centres = torch.cat([centres, x[idx][:, None, :]], dim=1)
-        closest = torch.minimum(closest, dist2(centres[:, -1:, :])[..., 0])
-
-    labels = dist2(centres).argmin(-1)  # R x N
-    for _ in range(max_iter):
-        onehot = F.one_hot(labels, k).float()  # R x N x k
-        counts = onehot.sum(1)  # R x k
-        sums = torch.einsum("rnk,nd->rkd", onehot, x)
-        # an empty cluster keeps its previous centre
-        centres = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centres)
-        new_labels = dist2(centres).argmin(-1)
-        if torch.equal(new_labels, labels):
-            break
-        labels = new_labels
-    inertia = dist2(centres).gather(-1, labels[..., None])[..., 0].sum(1)  # R
-    best = int(inertia.argmin())
-    return labels[best], centres[best]
+    first, uniforms = kmeans_draws(n, k, n_init, generator, x.device)
+    labels, centres, _ = batched_kmeans(x[None], [k], first[None], uniforms[None], max_iter)
+    return labels[0, 0], centres[0, 0]
 
 
 def relabel_consecutive(labels: torch.Tensor) -> torch.Tensor:
@@ -230,52 +307,78 @@ class BBoost:
         """Clustering features: (normalised) tokens with the position code appended.
 
         Args:
-            tokens: ``(h * w) x D`` patch tokens of one image on grid ``(h, w)``.
+            tokens: ``... x (h * w) x D`` patch tokens on grid ``(h, w)`` (one image, or a batch ``B x N x D``).
 
         Returns:
-            ``(h * w) x (D + pos_dim)``.
+            ``... x (h * w) x (D + pos_dim)``.
         """
         cfg = self.config
         feats = F.normalize(tokens.float(), dim=-1) if cfg.normalize_tokens else tokens.float()
         if cfg.pos_dim:
             pos = sine_position_code(*grid, cfg.pos_dim).to(feats.device)
-            feats = torch.cat([feats, cfg.pos_weight * pos], dim=-1)
+            feats = torch.cat([feats, cfg.pos_weight * pos.expand(*feats.shape[:-1], -1)], dim=-1)
         return feats
 
-    def label_maps(self, tokens: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], seed: int = 0):
-        """k-means label maps for every scale and every k, each resized to the finest grid.
+    def batch_label_maps(
+        self, tokens: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], seed: int = 0
+    ) -> list[list[torch.Tensor]]:
+        """k-means label maps of a batch for every scale and every k, each resized to the finest grid.
+
+        All images and all k of a scale are clustered together (:func:`batched_kmeans`); the run for (scale, k)
+        draws from its own generator seeded by ``(seed, scale, k)``, so an image gets the same maps in any batch.
 
         Args:
-            tokens: per scale, ``(h * w) x D`` patch tokens of one image.
+            tokens: per scale, ``B x (h * w) x D`` patch tokens.
             grids: per scale, ``(h, w)``.
 
         Returns:
-            list of ``H x W`` label maps on the finest grid (``len(tokens) * number of k`` maps).
+            per image, ``len(tokens) * number of k`` label maps ``H x W`` on the finest grid.
         """
         cfg = self.config
         target = max(grids, key=lambda g: g[0] * g[1])
-        maps = []
+        maps: list[list[torch.Tensor]] = [[] for _ in range(tokens[0].shape[0])]
         for scale_idx, (tok, grid) in enumerate(zip(tokens, grids, strict=True)):
-            feats = self.features(tok, grid)
-            for k in range(cfg.k_min, cfg.k_max + 1):
-                gen = torch.Generator(device=feats.device).manual_seed(seed * 1000 + scale_idx * 100 + k)
-                labels, _ = kmeans(feats, min(k, feats.shape[0]), cfg.n_init, cfg.max_iter, gen)
-                maps.append(resize_labels(labels.reshape(grid), target))
+            feats = self.features(tok, grid)  # B x N x D'
+            n, device = feats.shape[1], feats.device
+            k_range = range(cfg.k_min, cfg.k_max + 1)
+            ks = [min(k, n) for k in k_range]
+            gens = [torch.Generator(device=device).manual_seed(seed * 1000 + scale_idx * 100 + k) for k in k_range]
+            draws = [kmeans_draws(n, kk, cfg.n_init, g, device) for kk, g in zip(ks, gens, strict=True)]
+            first = torch.stack([f for f, _ in draws])  # Q x R
+            uniforms = torch.zeros(len(ks), cfg.n_init, max(max(ks) - 1, 0), device=device)  # Q x R x (kmax - 1)
+            for q, (_, u) in enumerate(draws):
+                uniforms[q, :, : u.shape[1]] = u
+            labels, _, _ = batched_kmeans(feats, ks, first, uniforms, cfg.max_iter)  # B x Q x N
+            for b, per_image in enumerate(maps):
+                per_image += [resize_labels(lab.reshape(grid), target) for lab in labels[b]]
         return maps
 
-    def __call__(self, tokens: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], seed: int = 0) -> torch.Tensor:
-        """Cluster one image.
+    def label_maps(self, tokens: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], seed: int = 0):
+        """k-means label maps of one image (``(h * w) x D`` tokens per scale); see :meth:`batch_label_maps`."""
+        return self.batch_label_maps([t[None] for t in tokens], grids, seed)[0]
+
+    def batch(
+        self, tokens: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], seed: int = 0
+    ) -> list[torch.Tensor]:
+        """Cluster a batch of images: batched k-means, then alignment, CRF and majority filter per image.
 
         Args:
-            tokens: per scale, ``(h * w) x D`` patch tokens.
+            tokens: per scale, ``B x (h * w) x D`` patch tokens.
             grids: per scale, ``(h, w)``.
 
         Returns:
-            ``H x W`` cluster map on the finest grid with labels ``0..n-1`` (consecutive).
+            per image, an ``H x W`` cluster map on the finest grid with labels ``0..n-1`` (consecutive).
         """
         cfg = self.config
-        probs = soft_labels(self.label_maps(tokens, grids, seed))
-        if cfg.crf_iters > 0:
-            probs = dense_crf(probs, cfg.crf_weight, cfg.crf_theta, cfg.crf_iters)
-        labels = majority_filter(probs.argmax(0), cfg.majority_max_passes)
-        return relabel_consecutive(labels)
+        out = []
+        for maps in self.batch_label_maps(tokens, grids, seed):
+            probs = soft_labels(maps)
+            if cfg.crf_iters > 0:
+                probs = dense_crf(probs, cfg.crf_weight, cfg.crf_theta, cfg.crf_iters)
+            labels = majority_filter(probs.argmax(0), cfg.majority_max_passes)
+            out.append(relabel_consecutive(labels))
+        return out
+
+    def __call__(self, tokens: Sequence[torch.Tensor], grids: Sequence[tuple[int, int]], seed: int = 0) -> torch.Tensor:
+        """Cluster one image (``(h * w) x D`` tokens per scale); returns its ``H x W`` map (see :meth:`batch`)."""
+        return self.batch([t[None] for t in tokens], grids, seed)[0]

@@ -76,16 +76,29 @@ class NounExtractor:
         )
 
     def nouns_per_caption(self, captions: Sequence[str]) -> list[list[str]]:
-        """Nouns of each caption, in order of appearance, without repeats within a caption."""
-        out = []
-        for doc in self.nlp.pipe(captions):
+        """Nouns of each caption, in order of appearance, without repeats within a caption.
+
+        All captions go through one ``nlp.pipe`` (each distinct caption is tagged once).
+        """
+        distinct = list(dict.fromkeys(captions))
+        found = {}
+        for caption, doc in zip(distinct, self.nlp.pipe(distinct), strict=True):
             nouns: dict[str, None] = {}
             for tok in doc:
                 if tok.tag_ in self.config.tags:
                     lemma = tok.lemma_.lower().strip()
                     if self.keep(lemma):
                         nouns.setdefault(lemma)
-            out.append(list(nouns))
+            found[caption] = list(nouns)
+        return [list(found[c]) for c in captions]
+
+    def nouns_per_group(self, groups: Sequence[Sequence[str]]) -> list[list[list[str]]]:
+        """Nouns of each caption of each group (e.g. the captions of each cluster of a batch), in one spaCy pass."""
+        per_caption = self.nouns_per_caption([c for group in groups for c in group])
+        out, pos = [], 0
+        for group in groups:
+            out.append(per_caption[pos : pos + len(group)])
+            pos += len(group)
         return out
 
     def __call__(self, captions: Iterable[str]) -> list[str]:
