@@ -35,6 +35,7 @@ from autoseg.lave import MappingError, add_mapper_args, mapper_from_args
 from autoseg.metrics import ABSENT_RULES, DatasetIoU, to_dataset_ids
 from autoseg.models.loading import ModelLoadError
 from autoseg.outputs import RunManifest, prediction_files, read_prediction
+from autoseg.outputs.files import read_vocabulary_record
 from autoseg.utils.io import atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
 
 MISSING_POLICIES = ("miss", "error")
@@ -64,13 +65,7 @@ def read_vocabulary(pred_dir: str | Path, stem: str) -> list[str] | None:
         return None
     if not png.is_file():
         raise ValueError(f"{png}: prediction incomplete, {js.name} exists but its label map is missing")
-    try:
-        vocabulary = json.loads(js.read_text(encoding="utf-8"))["vocabulary"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{js}: expected a JSON object with a 'vocabulary' list ({e})") from e
-    if not isinstance(vocabulary, list) or not all(isinstance(v, str) for v in vocabulary):
-        raise ValueError(f"{js}: 'vocabulary' must be a list of names")
-    return vocabulary
+    return read_vocabulary_record(js)
 
 
 def _percent(x: float) -> float | None:

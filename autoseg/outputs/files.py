@@ -175,6 +175,21 @@ def prediction_complete(out_dir: str | Path, stem: str | Path) -> list[str] | No
     return vocabulary if isinstance(vocabulary, list) else None
 
 
+def read_vocabulary_record(js: Path) -> list[str]:
+    """The ``vocabulary`` list of a prediction's JSON record.
+
+    Raises:
+        ValueError: the JSON is malformed or its vocabulary is not a list of names (the message names the file).
+    """
+    try:
+        vocabulary = json.loads(js.read_text(encoding="utf-8"))["vocabulary"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{js}: expected a JSON object with a 'vocabulary' list ({e})") from e
+    if not isinstance(vocabulary, list) or not all(isinstance(v, str) for v in vocabulary):
+        raise ValueError(f"{js}: 'vocabulary' must be a list of names")
+    return vocabulary
+
+
 def read_prediction(pred_dir: str | Path, stem: str | Path) -> tuple[np.ndarray, list[str]]:
     """Read back ``(label_map, vocabulary)`` written by :func:`write_prediction`.
 
@@ -187,10 +202,7 @@ def read_prediction(pred_dir: str | Path, stem: str | Path) -> tuple[np.ndarray,
     for f in (png, js):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: prediction file missing (expected infer.py output IMG.png + IMG.json)")
-    try:
-        vocabulary = json.loads(js.read_text(encoding="utf-8"))["vocabulary"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{js}: expected a JSON object with a 'vocabulary' list ({e})") from e
+    vocabulary = read_vocabulary_record(js)
     with Image.open(png) as im:
         label_map = np.asarray(im).astype(np.int64)
     if label_map.ndim != 2:

@@ -183,8 +183,9 @@ class Segmenter(nn.Module):
 class PerNameSegmenter(Segmenter):
     """A backend with per-name logits; trainable by :class:`autoseg.lit.SegmenterModule`.
 
-    Subclasses implement ``preprocess``, ``encode_image`` (batch-first features), ``text_embeddings`` (name-first)
-    and ``decode_pairs``; this class batches them. ``input_size`` is the square side the model needs (None: any).
+    Subclasses hold ``model``, ``processor`` and a ``_text_cache`` (:class:`LRUCache`) and implement ``preprocess``,
+    ``encode_image`` (batch-first features), ``text_embeddings`` (name-first) and ``decode_pairs``; this class batches
+    them. ``input_size`` is the square side the model needs (None: any).
     """
 
     threshold: float = 0.0
@@ -226,8 +227,17 @@ class PerNameSegmenter(Segmenter):
 
     @property
     def image_processor(self) -> Any:
-        """The Hugging Face image processor (``image_mean`` / ``image_std``)."""
-        raise NotImplementedError
+        """The Hugging Face image processor (``image_mean`` / ``image_std``) of ``self.processor``."""
+        return self.processor.image_processor
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def train(self, mode: bool = True):
+        """Also forgets the cached text embeddings (``self._text_cache``): they change when the text side trains."""
+        self._text_cache.clear()
+        return super().train(mode)
 
     def decode(self, features: Any, text: Any) -> torch.Tensor:
         """Every (image, name) pair in one decoder call: ``B x C x h x w`` logits."""

@@ -82,18 +82,6 @@ class CLIPSegSegmenter(PerNameSegmenter):
         processor = load_pretrained(source, "CLIPSeg processor", CLIPSegProcessor.from_pretrained, "--segmenter")
         return cls(model.to(device=device, dtype=dtype), processor, **kwargs)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def image_processor(self):
-        return self.processor.image_processor
-
-    def train(self, mode: bool = True):
-        self._text_cache.clear()
-        return super().train(mode)
-
     def backbone(self) -> list[nn.Module]:
         return [self.model.clip]
 

@@ -101,18 +101,6 @@ class Sam3Segmenter(PerNameSegmenter):
         processor = load_pretrained(source, "SAM 3 processor", Sam3Processor.from_pretrained, "--segmenter")
         return cls(model.to(device=device, dtype=dtype), processor, **kwargs)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def image_processor(self):
-        return self.processor.image_processor
-
-    def train(self, mode: bool = True):
-        self._text_cache.clear()
-        return super().train(mode)
-
     def backbone(self) -> list[nn.Module]:
         return [self.model.vision_encoder, self.model.text_encoder, self.model.text_projection]
 
