@@ -148,18 +148,17 @@ def clip_tokenizer(words: Sequence[str] = (), model_max_length: int = 77) -> CLI
     vocab: dict[str, int] = {}
     for t in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(t, len(vocab))
-    merges: list[tuple[str, str]] = []
+    merges: dict[tuple[str, str], None] = {}  # ordered, with O(1) membership (tens of thousands of words)
     for word in dict.fromkeys(w.lower() for w in words):
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         left = pieces[0]
         for right in pieces[1:]:
-            if (left, right) not in merges:
-                merges.append((left, right))
+            merges.setdefault((left, right))
             left = left + right
             vocab.setdefault(left, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab.setdefault(special, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+    return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=model_max_length)
 
 
 def make_clipseg(
