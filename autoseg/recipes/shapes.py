@@ -26,22 +26,26 @@ figures go to ``OUT/recipe.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 
-from autoseg.utils.io import atomic_write_json
+from autoseg.recipes.common import (
+    REPO,
+    StageLog,
+    copy_models,
+    cores,
+    dump_pipeline,
+    eval_pipeline,
+    export_dir,
+    run_lanes,
+    run_train,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "experiment" / "shapes"
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"
 STAGES = (
@@ -96,14 +100,6 @@ DEMO_PIPELINE = {
 }
 
 
-def export_dir(out: Path, stage: str, kind: str) -> Path:
-    """The ``best`` export of a stage (``kind``: blip, segmenter or enhancer.safetensors)."""
-    path = out / stage / "lightning_logs" / "version_0" / "export" / "best" / kind
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: stage {stage!r} has no export yet; run it first (--from {stage})")
-    return path
-
-
 def small_data(scale: float) -> dict:
     """ShapesWorld overrides of a shortened run (``--scale`` below 1): a small dataset."""
     return {"n_train": 64, "n_val": 8} if scale < 1 else {}
@@ -112,28 +108,14 @@ def small_data(scale: float) -> dict:
 def train(out: Path, stage: str, scale: float, extra: Sequence[str] = (), threads: int | None = None) -> None:
     """One ``train.py fit`` run of ``configs/experiment/shapes/STAGE.yaml`` into ``out/STAGE`` (a fresh folder);
     its output goes to ``out/logs/STAGE.log``."""
-    root = out / stage
-    shutil.rmtree(root, ignore_errors=True)
     steps = max(4, round(TRAIN_STEPS[stage] * scale))
-    args = [sys.executable, str(REPO / "train.py"), "fit", "-c", str(CONFIGS / f"{stage}.yaml")]
-    args += [f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}"]
+    args = [f"--trainer.max_steps={steps}"]
     if scale < 1:
         args += [f"--trainer.val_check_interval={max(2, steps // 2)}"]
         args += [f"--data.shapesworld.{k}={v}" for k, v in small_data(scale).items()]
-    args += list(extra)
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads: the lanes share the cores
     log = out / "logs" / f"{stage}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[recipe] {stage}: started ({steps} steps), log {log}", flush=True)
-    with open(log, "w", encoding="utf-8") as f:
-        f.write(" ".join(args[1:]) + "\n")
-        f.flush()
-        code = subprocess.run(args, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if code:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
-        raise RuntimeError(f"stage {stage} failed (exit {code}); the end of {log}:\n{tail}")
+    run_train(CONFIGS / f"{stage}.yaml", out / stage, log, [*args, *extra], threads)
 
 
 def prepare_data(scale: float, workers: int) -> Path:
@@ -153,19 +135,17 @@ def prepare_data(scale: float, workers: int) -> Path:
 def assemble(out: Path, ship: bool) -> Path:
     """Copy the exports into ``out/demo`` (or the package's presets) with a pipeline YAML using ``./`` paths."""
     target = PRESET_DIR / "demo" if ship else out / "demo"
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
-    shutil.copytree(export_dir(out, "captioner_stage2", "blip"), target / "blip")
-    shutil.copytree(export_dir(out, "segmenter_stage2", "segmenter"), target / "segmenter")
-    shutil.copy2(export_dir(out, "enhancer", "enhancer.safetensors"), target / "enhancer.safetensors")
-    pipeline = {"blip": "./demo/blip", "enhancer": "./demo/enhancer.safetensors", **DEMO_PIPELINE}
-    pipeline["segmenter"] = {**DEMO_PIPELINE["segmenter"], "source": "./demo/segmenter"}
-    import yaml
-
-    header = "# ShapesWorld demo models, trained from scratch by `python -m autoseg.recipes.shapes`.\n"
     yaml_path = target.parent / "demo.yaml"
-    yaml_path.write_text(header + yaml.safe_dump(pipeline, sort_keys=False), encoding="utf-8")
-    return yaml_path
+    pipeline = copy_models(
+        yaml_path,
+        target,
+        export_dir(out, "captioner_stage2", "blip"),
+        export_dir(out, "segmenter_stage2", "segmenter"),
+        export_dir(out, "enhancer", "enhancer.safetensors"),
+        DEMO_PIPELINE,
+    )
+    header = "# ShapesWorld demo models, trained from scratch by `python -m autoseg.recipes.shapes`.\n"
+    return dump_pipeline(yaml_path, pipeline, header)
 
 
 def evaluate(out: Path, preset_yaml: Path, n: int) -> dict:
@@ -186,26 +166,7 @@ def evaluate(out: Path, preset_yaml: Path, n: int) -> dict:
             ],
             check=True,
         )
-    report = out / "eval" / "report.json"
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "eval.py"),
-            "--dataset",
-            "folder",
-            "--root",
-            str(heldout),
-            "--config",
-            str(preset_yaml),
-            "--mapper",
-            "embedding",
-            "--report",
-            str(report),
-            "--no-progress",
-        ],
-        check=True,
-    )
-    figures = json.loads(report.read_text())
+    figures = eval_pipeline(preset_yaml, heldout, out / "eval" / "report.json")
     ckpts = sorted((out / "enhancer" / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
     cluster = {}
     for size in DEMO_PIPELINE["scales"]:  # the enhancer serves BBoost at every clustering scale of the pipeline
@@ -253,52 +214,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--jobs {args.jobs}: need at least 1")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "recipe.json"
-    log = json.loads(log_path.read_text()) if log_path.is_file() else {"seconds": {}}
-    lock = threading.Lock()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // min(args.jobs, len(LANES)))
+    log = StageLog(out / "recipe.json")
+    threads = max(1, cores() // min(args.jobs, len(LANES)))
     extra = {
         "segmenter_stage2": lambda: [f"--model.init_args.segmenter={export_dir(out, 'segmenter_stage1', 'segmenter')}"],
         "captioner_stage2": lambda: [f"--model.init_args.blip={export_dir(out, 'captioner_stage1', 'blip')}"],
         "enhancer": lambda: [f"--model.init_args.blip={export_dir(out, 'captioner_stage2', 'blip')}"],
     }
     todo = STAGES[STAGES.index(args.start) :]
-
-    def timed(stage: str, fn: Callable[[], object]) -> None:
-        t0 = time.perf_counter()
-        fn()
-        with lock:
-            log["seconds"][stage] = round(time.perf_counter() - t0, 1)
-            atomic_write_json(log_path, log)
-        print(f"[recipe] {stage}: done in {log['seconds'][stage] / 60:.1f} min", flush=True)
-
-    def lane(stages: Sequence[str]) -> None:
-        for stage in stages:
-            if stage in todo:
-                timed(stage, lambda s=stage: train(out, s, args.scale, extra.get(s, list)(), threads))
-
     t_start = time.perf_counter()
     if "data" in todo:
-        timed("data", lambda: prepare_data(args.scale, workers=cores))
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        failures = [f.exception() for f in [pool.submit(lane, stages) for stages in LANES]]
-    failures = [e for e in failures if e is not None]
+        log.timed("data", lambda: prepare_data(args.scale, workers=cores()))
+    lanes = [[s for s in lane if s in todo] for lane in LANES]
+    failures = run_lanes(lanes, lambda s: train(out, s, args.scale, extra.get(s, list)(), threads), log, args.jobs)
     if failures:
         for e in failures:
             print(f"[recipe] {e}", file=sys.stderr)
         return 1
     if "assemble" in todo:
-        timed("assemble", lambda: log.update(preset=str(assemble(out, args.ship))))
+        log.timed("assemble", lambda: log.update(preset=str(assemble(out, args.ship))))
     if "evaluate" in todo:
-        timed("evaluate", lambda: log.update(evaluation=evaluate(out, Path(log["preset"]), args.heldout)))
-    with lock:
-        wall = round((time.perf_counter() - t_start) / 60, 1)
-        log.setdefault("runs", []).append({"from": args.start, "jobs": args.jobs, "wall_minutes": wall})
-        atomic_write_json(log_path, log)
-    print(f"[recipe] {wall:.1f} min wall-clock from {args.start} ({args.jobs} lanes at once); summary in {log_path}")
-    if "evaluation" in log:
-        ev = log["evaluation"]
+        log.timed("evaluate", lambda: log.update(evaluation=evaluate(out, Path(log.data["preset"]), args.heldout)))
+    wall = round((time.perf_counter() - t_start) / 60, 1)
+    runs = [*log.data.get("runs", []), {"from": args.start, "jobs": args.jobs, "wall_minutes": wall}]
+    log.update(runs=runs)
+    print(f"[recipe] {wall:.1f} min wall-clock from {args.start} ({args.jobs} lanes at once); summary in {log.path}")
+    if "evaluation" in log.data:
+        ev = log.data["evaluation"]
         print(f"[recipe] held-out mIoU {ev['mIoU']:.1f}")
         for size, c in ev["cluster_mIoU"].items():
             print(f"[recipe] cluster mIoU at {size} px: enhancer {c['enhanced']:.1f}, identity {c['identity']:.1f}")

@@ -1,0 +1,157 @@
+"""What the recipes share: running a ``train.py`` stage, running lanes of stages side by side with timings, copying
+exports into a pipeline folder with its YAML, and scoring a pipeline YAML with ``eval.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from autoseg.utils.io import atomic_write_json
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def export_dir(out: Path, stage: str, kind: str, which: str = "best", check: bool = True) -> Path:
+    """The ``which`` export (best or last) of a stage run into ``out/STAGE`` (``kind``: blip, segmenter or
+    enhancer.safetensors); ``check``: fail when it is not there (yet)."""
+    path = out / stage / "lightning_logs" / "version_0" / "export" / which / kind
+    if check and not path.exists():
+        raise FileNotFoundError(f"{path}: stage {stage!r} has no export yet; run it first")
+    return path
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_train(
+    config: Path,
+    root: Path,
+    log: Path,
+    args: Sequence[str] = (),
+    threads: int | None = None,
+    fresh: bool = True,
+    subcommand: str = "fit",
+) -> None:
+    """One ``train.py SUBCOMMAND -c CONFIG`` run into ``root`` (emptied first when ``fresh``), output to ``log``.
+
+    Raises:
+        RuntimeError: the run failed; the message holds the end of its log.
+    """
+    if fresh:
+        shutil.rmtree(root, ignore_errors=True)
+    cmd = [sys.executable, str(REPO / "train.py"), subcommand, "-c", str(config)]
+    cmd += [f"--trainer.default_root_dir={root}", *args]
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads: lanes share the cores
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a" if not fresh else "w", encoding="utf-8") as f:
+        f.write(" ".join(cmd[1:]) + "\n")
+        f.flush()
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    if code:
+        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"stage {root.name} failed (exit {code}); the end of {log}:\n{tail}")
+
+
+class StageLog:
+    """A JSON run log (``seconds`` per finished stage, anything else the recipe stores), written after each change.
+
+    Args:
+        path: the JSON file (read back when it exists, so a resumed run keeps earlier timings).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        self.data.setdefault("seconds", {})
+        self.lock = threading.Lock()
+
+    def update(self, **items: Any) -> None:
+        """Set top-level items and write the file."""
+        with self.lock:
+            self.data.update(items)
+            atomic_write_json(self.path, self.data)
+
+    def timed(self, stage: str, fn: Callable[[], object]) -> None:
+        """Run ``fn`` and record its wall-clock seconds under ``seconds[stage]``."""
+        t0 = time.perf_counter()
+        fn()
+        with self.lock:
+            self.data["seconds"][stage] = round(time.perf_counter() - t0, 1)
+            atomic_write_json(self.path, self.data)
+        print(f"[recipe] {stage}: done in {self.data['seconds'][stage] / 60:.1f} min", flush=True)
+
+
+def run_lanes(
+    lanes: Sequence[Sequence[str]], run: Callable[[str], object], log: StageLog, jobs: int
+) -> list[BaseException]:
+    """Run each lane's stages in order (``run(stage)``, timed into ``log``), up to ``jobs`` lanes at once.
+
+    Returns:
+        the exceptions of failed lanes (a lane stops at its first failure; the others go on).
+    """
+
+    def lane(stages: Sequence[str]) -> None:
+        for stage in stages:
+            log.timed(stage, lambda s=stage: run(s))
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(lane, stages) for stages in lanes if stages]
+        return [e for e in (f.exception() for f in futures) if e is not None]
+
+
+def copy_models(
+    yaml_path: Path, models: Path, blip: Path, segmenter: Path, enhancer: Path | None, settings: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Copy the models into ``models/`` and return the pipeline settings with ``./`` paths relative to ``yaml_path``.
+
+    Args:
+        yaml_path: where the pipeline YAML will be written (see :func:`dump_pipeline`).
+        models: the folder the models are copied into (a fresh one; a sub-folder of the YAML's folder).
+        blip: BLIP ``save_pretrained`` directory.
+        segmenter: segmenter ``save_pretrained`` directory.
+        enhancer: enhancer safetensors (None: no enhancer).
+        settings: the other pipeline settings (``segmenter`` holds the segmenter's settings but its source).
+    """
+    shutil.rmtree(models, ignore_errors=True)
+    models.mkdir(parents=True)
+    shutil.copytree(blip, models / "blip")
+    shutil.copytree(segmenter, models / "segmenter")
+    rel = "./" + models.relative_to(yaml_path.parent).as_posix()
+    pipeline: dict[str, Any] = {"blip": f"{rel}/blip"}
+    if enhancer is not None:
+        shutil.copy2(enhancer, models / "enhancer.safetensors")
+        pipeline["enhancer"] = f"{rel}/enhancer.safetensors"
+    pipeline |= {k: v for k, v in settings.items() if k not in ("blip", "enhancer")}
+    pipeline["segmenter"] = {**settings.get("segmenter", {}), "source": f"{rel}/segmenter"}
+    return pipeline
+
+
+def dump_pipeline(yaml_path: Path, pipeline: Mapping[str, Any], header: str) -> Path:
+    """Write a pipeline YAML with a comment header."""
+    yaml_path.parent.mkdir(parents=True, exist_ok=True)
+    yaml_path.write_text(header + yaml.safe_dump(dict(pipeline), sort_keys=False), encoding="utf-8")
+    return yaml_path
+
+
+def eval_pipeline(config: Path, root: Path, report: Path, mapper: str = "embedding") -> dict[str, Any]:
+    """Score a pipeline YAML on a folder dataset with ``eval.py`` (pipeline mode); returns the report."""
+    cmd = [sys.executable, str(REPO / "eval.py"), "--dataset", "folder", "--root", str(root), "--config", str(config)]
+    cmd += ["--mapper", mapper, "--report", str(report), "--no-progress"]
+    subprocess.run(cmd, check=True)
+    return json.loads(report.read_text())
