@@ -54,7 +54,13 @@ from transformers import (  # noqa: E402
 
 from autoseg.config import PipelineConfig  # noqa: E402
 from autoseg.models.blip import HF_DEFAULT_TOP_K, GumbelSampler, row_seed  # noqa: E402
-from autoseg.models.scratch import CLIP_MEAN, CLIP_STD, blip_tokenizer, clip_tokenizer  # noqa: E402
+from autoseg.models.scratch import (  # noqa: E402
+    CLIP_MEAN,
+    CLIP_STD,
+    bert_uncased_vocab_dir,
+    blip_tokenizer,
+    clip_tokenizer,
+)
 from autoseg.models.segmenters import SegmenterConfig  # noqa: E402
 from autoseg.models.segmenters.base import labels_from_logits  # noqa: E402
 from autoseg.pipeline import AutoSegPipeline, caption_clusters, cluster_order  # noqa: E402
@@ -87,7 +93,7 @@ def save_models(root: Path, blip: str) -> tuple[Path, Path]:
     processor = BlipProcessor(BlipImageProcessor(size=size, image_mean=CLIP_MEAN, image_std=CLIP_STD), tok)
     model.save_pretrained(root / "blip")
     processor.save_pretrained(root / "blip")
-    ctok = clip_tokenizer()
+    ctok = clip_tokenizer(english_words())  # whole English words are one token each, as with CLIP's own BPE
     config = CLIPSegConfig(
         vision_config=dict(patch_size=16, image_size=224),  # CLIPSeg rd64: CLIP ViT-B/16, reduce_dim 64
         text_config=dict(vocab_size=len(ctok), bos_token_id=ctok.bos_token_id, eos_token_id=ctok.eos_token_id),
@@ -98,6 +104,12 @@ def save_models(root: Path, blip: str) -> tuple[Path, Path]:
     seg.save_pretrained(root / "clipseg")
     CLIPSegProcessor(image_processor=image_processor, tokenizer=ctok).save_pretrained(root / "clipseg")
     return root / "blip", root / "clipseg"
+
+
+def english_words() -> list[str]:
+    """BERT-base-uncased's whole words (the names BLIP's tokenizer produces), for a CLIP BPE of realistic lengths."""
+    vocab = (bert_uncased_vocab_dir() / "vocab.txt").read_text(encoding="utf-8").split()
+    return [w for w in vocab if w.isalpha() and w.isascii()]
 
 
 def photos(n: int) -> list[Image.Image]:
