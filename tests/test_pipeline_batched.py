@@ -9,7 +9,8 @@ from PIL import Image
 
 from autoseg.cli.infer import build_parser, overrides_from_args
 from autoseg.config import ConfigError, load_config
-from autoseg.models.blip import CaptionConfig, GumbelSampler
+from autoseg.models.blip import CaptionConfig
+from autoseg.models.blip_decoding import MIN_BUCKET, GumbelSampler, bucket_length
 from autoseg.pipeline import STAGES, AutoSegPipeline
 from autoseg.vocab.bboost import BBoost, BBoostConfig, batched_kmeans, kmeans, kmeans_draws
 
@@ -281,3 +282,45 @@ def test_cross_attention_ignores_padding(greedy):
         both = decoder(input_ids=ids.expand(2, -1), encoder_hidden_states=padded, encoder_attention_mask=mask).logits
         alone = decoder(input_ids=ids, encoder_hidden_states=short[None], encoder_attention_mask=mask[:1, :5]).logits
     torch.testing.assert_close(both[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_padding", [True, False])
+def test_shared_cross_attention_decodes_as_transformers_cache(greedy, images, mask_padding):
+    """Keys/values stored once per set in length buckets, read by all of the set's rows, decode token for token as
+    transformers' own generate with its per-row cache on the same padded states (mask_padding False: the padding
+    is attended, as the demo BLIP was trained)."""
+    cap = greedy.captioner
+    with torch.inference_mode():
+        tokens = cap.encode(images[:2], (64,))[0]
+        maps = [(torch.arange(64).reshape(8, 8) % 8 >= 3).long(), (torch.arange(64).reshape(8, 8) >= 20).long()]
+        states = [s for per_image in cap.batch_cluster_states(tokens, maps, "concat") for s in per_image]
+        assert len({bucket_length(s.shape[0]) for s in states}) > 1  # several buckets
+        cfg = CaptionConfig(sample=False, max_new_tokens=8, min_new_tokens=2, mask_padding=mask_padding)
+        ours = cap.caption(states, cfg)
+        length = max(s.shape[0] for s in states)
+        padded = torch.zeros(len(states), length, cap.hidden_size)
+        mask = torch.zeros(len(states), length, dtype=torch.long)
+        for k, s in enumerate(states):
+            padded[k, : s.shape[0]], mask[k, : s.shape[0]] = s, 1
+        prompt = cap.prompt_ids(cfg.prompt)[None].expand(len(states), -1)
+        text_cfg = cap.model.config.text_config
+        out = cap.model.text_decoder.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            encoder_hidden_states=padded,
+            encoder_attention_mask=mask if mask_padding else torch.ones_like(mask),
+            do_sample=False,
+            max_new_tokens=8,
+            min_new_tokens=2,
+            eos_token_id=text_cfg.sep_token_id,
+            pad_token_id=text_cfg.pad_token_id,
+        )
+    texts = cap.processor.tokenizer.batch_decode(out[:, prompt.shape[1] :], skip_special_tokens=True)
+    assert ours == [[t.strip().lower()] for t in texts]
+
+
+def test_bucket_lengths_pad_at_most_a_quarter_and_depend_on_the_length_alone():
+    for n in range(1, 3000):
+        b = bucket_length(n)
+        assert b % MIN_BUCKET == 0 and 0 <= b - n < max(MIN_BUCKET, n / 4)
+    assert [bucket_length(n) for n in (1, 16, 17, 100, 600)] == [16, 16, 32, 112, 640]

@@ -6,25 +6,22 @@ import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from transformers import (
-    BlipForConditionalGeneration,
-    BlipProcessor,
-    DynamicCache,
-    EncoderDecoderCache,
-    LogitsProcessor,
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-)
+from transformers import BlipForConditionalGeneration, BlipProcessor, LogitsProcessorList, TemperatureLogitsWarper
 
+from autoseg.models.blip_decoding import (
+    HF_DEFAULT_TOP_K,
+    GumbelSampler,
+    SharedCrossCache,
+    install_shared_cross_attention,
+    row_seed,
+)
 from autoseg.models.loading import load_pretrained
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-large"
 CAPTION_MODES = ("concat", "global", "local", "cls")
-HF_DEFAULT_TOP_K = 50  # what transformers' sampling applies when the generation config sets no top_k
 # BLAS kernels for products of 1-3 rows differ in the last bit from those for more rows (measured with MKL), so a
 # generate call of fewer rows gets dummy rows: a caption is then computed alike in a call of any size.
 MIN_GENERATE_ROWS = 4
@@ -69,59 +66,6 @@ class ScaleTokens:
     embeddings: torch.Tensor
 
 
-class GumbelSampler(LogitsProcessor):
-    """Samples each row's next token from its top-k / top-p distribution with the row's own generator.
-
-    The Gumbel-max trick on the candidates: ``argmax(log p + Gumbel noise)`` is a sample of ``p``. Top-k and top-p
-    keep the candidates HF's warpers keep (the k most likely; then the most likely ones until their mass reaches
-    ``top_p``), and noise is drawn for those ``k`` candidates only. Each row draws from its own generator, so its
-    sample does not depend on the other rows (HF's sampling draws every row from one global stream). The scores
-    returned are 0 at the sampled token and ``-inf`` elsewhere, for greedy decoding to take; put this processor last.
-
-    Args:
-        generators: one per row of the generation batch, on the scores' device.
-        top_k: candidates per step (0: the whole vocabulary).
-        top_p: nucleus mass in (0, 1].
-    """
-
-    def __init__(self, generators: Sequence[torch.Generator], top_k: int = HF_DEFAULT_TOP_K, top_p: float = 1.0):
-        self.generators = list(generators)
-        self.top_k = top_k
-        self.top_p = top_p
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        vocab = scores.shape[-1]
-        k = vocab if self.top_k <= 0 else min(self.top_k, vocab)
-        values, candidates = scores.float().topk(k, dim=-1)  # R x k, most likely first
-        probs = values.softmax(-1)
-        keep = probs.cumsum(-1) - probs < self.top_p  # mass of the more likely candidates is below top_p
-        keep[:, 0] = True
-        u = torch.empty_like(values)
-        for row, g in zip(u, self.generators, strict=True):
-            row.uniform_(generator=g)
-        tiny = torch.finfo(u.dtype).tiny
-        gumbel = -torch.log((-torch.log(u.clamp_min(tiny))).clamp_min(tiny))  # R x k
-        pick = (values + gumbel).masked_fill(~keep, float("-inf")).argmax(-1, keepdim=True)  # R x 1
-        return torch.full_like(scores, float("-inf")).scatter_(1, candidates.gather(1, pick), 0.0)
-
-
-def pass_cross_attention_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Forward pre-hook that hands the cross-attention its padding mask.
-
-    In transformers v5 ``BlipTextAttention`` does not pass ``encoder_attention_mask`` on, and
-    ``BlipTextSelfAttention`` then drops the mask it does get (``attention_mask = encoder_attention_mask`` when
-    cross-attending): padded encoder states are attended. The mask arrives as ``attention_mask``; this copies it.
-    """
-    if kwargs.get("encoder_hidden_states") is not None and kwargs.get("encoder_attention_mask") is None:
-        kwargs["encoder_attention_mask"] = kwargs.get("attention_mask")
-    return args, kwargs
-
-
-def row_seed(seed: int, key: int, sample: int) -> int:
-    """Seed of one sampled caption: mixes the run seed, the cluster's key and the pass index (NumPy SeedSequence)."""
-    return int(np.random.SeedSequence([seed, key, sample]).generate_state(1)[0])
-
-
 class BlipCaptioner(nn.Module):
     """BLIP captioning model used as (1) a multi-scale patch-token encoder and (2) a captioner of token sets.
 
@@ -149,8 +93,7 @@ class BlipCaptioner(nn.Module):
         self.processor = processor
         self.patch_size = model.config.vision_config.patch_size
         self.autocast = autocast
-        for layer in model.text_decoder.bert.encoder.layer:
-            layer.crossattention.self.register_forward_pre_hook(pass_cross_attention_mask, with_kwargs=True)
+        install_shared_cross_attention(model.text_decoder)  # hands on the padding mask; shared keys/values
         # full-image passes only: the packed local re-runs have data-dependent shapes (graph breaks, recompiles)
         self.compiled_dense = torch.compile(self.dense_layers, dynamic=True) if compile else None
 
@@ -389,37 +332,6 @@ class BlipCaptioner(nn.Module):
         ids[0] = self.model.config.text_config.bos_token_id
         return ids.to(self.device)
 
-    def cross_attention_cache(
-        self, states: Sequence[torch.Tensor], length: int, repeats: int = 1
-    ) -> EncoderDecoderCache:
-        """A decoder cache whose cross-attention keys/values are computed once per state set, shared by its passes.
-
-        The projections run on the sets packed together (no padding), then are laid out padded to ``length``.
-
-        Args:
-            states: ``S`` tensors ``L_s x D``.
-            length: padded length (``>= max L_s``).
-            repeats: consecutive rows per set in the generation batch (its passes).
-        """
-        decoder = self.model.text_decoder
-        sizes = torch.tensor([st.shape[0] for st in states], device=self.device)
-        seq = torch.arange(len(states), device=self.device).repeat_interleave(sizes)  # set of each packed row
-        slot = seq * length + torch.arange(seq.numel(), device=self.device) - (sizes.cumsum(0) - sizes)[seq]
-        packed = torch.cat(list(states))  # sum(L_s) x D
-        cross = DynamicCache(config=decoder.config)
-        for i, layer in enumerate(decoder.bert.encoder.layer):
-            att = layer.crossattention.self
-            kv = []
-            for proj in (att.key, att.value):
-                rows = proj(packed)  # sum(L_s) x (H * d)
-                pad = proj(packed.new_zeros(1, packed.shape[-1]))  # what a zero padding state projects to
-                out = pad.expand(len(states) * length, -1).clone()
-                out[slot] = rows
-                out = out.view(len(states), length, -1, att.attention_head_size).transpose(1, 2)  # S x H x L x d
-                kv.append(out.repeat_interleave(repeats, 0) if repeats > 1 else out)
-            cross.update(*kv, i)
-        return EncoderDecoderCache(DynamicCache(config=decoder.config), cross)
-
     def caption(
         self,
         states: Sequence[torch.Tensor],
@@ -485,7 +397,7 @@ class BlipCaptioner(nn.Module):
             kwargs["logits_processor"] = LogitsProcessorList([*warpers, GumbelSampler(gens, top_k, cfg.top_p)])
         with self.autocast_context():
             if num_beams == 1:
-                kwargs["cache"] = self.cross_attention_cache(states, length, n_pass)
+                kwargs["cache"] = SharedCrossCache(self.model.text_decoder, states, n_pass, cfg.mask_padding)
                 # keys/values come from the cache; generate only reads the states' shape and dtype
                 encoder_states = states[0].new_zeros(()).expand(rows, length, states[0].shape[-1])
             else:  # beam search reorders the cache rows itself: transformers computes keys/values
