@@ -16,7 +16,9 @@ from autoseg.models.segmenters import (
     merge_instances,
     segmenter_source,
 )
+from autoseg.models.segmenters import clipseg as clipseg_module
 from autoseg.models.segmenters.base import LRUCache, merge_best, pair_chunks
+from autoseg.models.segmenters.clip_text import template_text_features
 
 
 def random_images(sizes, seed=0):
@@ -114,22 +116,24 @@ def test_clipseg_batched_label_maps_equal_the_per_image_path_exactly(clipseg):
             assert (got == 0).all()
 
 
-def test_clipseg_encodes_each_batch_once_and_each_name_once(clipseg):
+def test_clipseg_encodes_each_batch_once_and_each_name_once(clipseg, monkeypatch):
     calls = {"vision": 0, "text": []}
     vision = clipseg.model.clip.vision_model.register_forward_hook(
         lambda *a: calls.__setitem__("vision", calls["vision"] + 1)
     )
-    text = clipseg.model.clip.text_model.register_forward_hook(
-        lambda m, args, kw, out: calls["text"].append(kw["input_ids"].shape[0]), with_kwargs=True
-    )
+
+    def counted(text_model, projection, tokenizer, templates, names):
+        calls["text"].append(list(names))
+        return template_text_features(text_model, projection, tokenizer, templates, names)
+
+    monkeypatch.setattr(clipseg_module, "template_text_features", counted)
     clipseg._text_cache.clear()
     try:
         clipseg.segment(random_images([(30, 30)] * 3), [["dog", "cat"], ["cat", "sky", "tree", "grass"], ["dog"]])
     finally:
         vision.remove()
-        text.remove()
     assert calls["vision"] == 1  # all three images in one vision forward
-    assert calls["text"] == [5 * len(clipseg.templates)]  # five unique names, once each
+    assert calls["text"] == [["dog", "cat", "sky", "tree", "grass"]]  # five unique names, once each
     with torch.inference_mode():
         clipseg.text_embeddings(["dog"])  # cached now
     assert len(clipseg._text_cache) == 5
@@ -192,3 +196,21 @@ def test_bad_segmenter_settings_name_the_key(segmenter, message):
 def test_shipped_presets_choose_their_backend(name):
     config = load_config(f"configs/pipeline/{name}.yaml")
     assert config.segmenter.name == name and segmenter_source(config.segmenter) == DEFAULT_SOURCES[name]
+
+
+@pytest.mark.parametrize("eos_is_two", [False, True])
+def test_template_text_features_equal_clips_own_forward_on_the_full_prompts(tiny_clipseg_dir, eos_is_two):
+    """Prefixes run once and prompts from the name on give CLIP's features; a template whose prefix tokens the
+    tokenizer merges with the name ("a{}": no space) runs in full; names of several words and unknown words too."""
+    seg = CLIPSegSegmenter.from_pretrained(str(tiny_clipseg_dir), image_size=64)
+    text_model, tok = seg.model.clip.text_model, seg.processor.tokenizer
+    if eos_is_two:  # transformers' legacy pooling (the highest id) for configs with eos_token_id 2
+        text_model.eos_token_id = 2
+    templates = ["a photo of a {}.", "there is a {} in the scene.", "{}", "a{} here", "this is a {}"]
+    names = ["dog", "grass", "zebra crossing", "x", "tree dog cat"]
+    with torch.inference_mode():
+        got = template_text_features(text_model, seg.model.clip.text_projection, tok, templates, names)
+        for c, name in enumerate(names):
+            prompts = seg.tokenize([t.format(name) for t in templates])
+            stock = seg.model.clip.get_text_features(**prompts).pooler_output  # T x E
+            torch.testing.assert_close(got[c], stock, rtol=1e-5, atol=1e-5)

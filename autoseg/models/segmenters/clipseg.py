@@ -14,6 +14,7 @@ from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
 from autoseg.models.loading import load_pretrained
 from autoseg.models.segmenters.base import TEXT_CACHE_SIZE, LRUCache, PerNameSegmenter
+from autoseg.models.segmenters.clip_text import template_text_features
 
 DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
 # A short version of the CLIP/CLIPSeg prompt ensemble; each name's text embedding is the mean over these.
@@ -107,9 +108,9 @@ class CLIPSegSegmenter(PerNameSegmenter):
         known = {n: self._text_cache.get(n) for n in unique} if text_frozen else {}
         missing = [n for n in unique if known.get(n) is None]
         if missing:
-            prompts = [t.format(n) for n in missing for t in self.templates]
-            feats = self.model.clip.get_text_features(**self.tokenize(prompts)).pooler_output  # (C T) x E
-            feats = feats.view(len(missing), len(self.templates), -1).mean(1)
+            clip, tokenizer = self.model.clip, self.processor.tokenizer
+            feats = template_text_features(clip.text_model, clip.text_projection, tokenizer, self.templates, missing)
+            feats = feats.mean(1)  # C x E
             known.update(zip(missing, feats, strict=True))
             if text_frozen:
                 for n, f in zip(missing, feats, strict=True):
