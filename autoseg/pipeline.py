@@ -22,6 +22,7 @@ from torch import nn
 from autoseg.config import PipelineConfig
 from autoseg.config_checks import check_runtime, resolve_device
 from autoseg.models.blip import BlipCaptioner, CaptionConfig
+from autoseg.models.enhancer import load_enhancer
 from autoseg.models.segmenters import Segmenter, build_segmenter
 from autoseg.outputs import Prediction
 from autoseg.vocab.bboost import BBoost, resize_labels
@@ -180,6 +181,18 @@ class AutoSegPipeline:
         for p, lm in zip(preds, label_maps, strict=True):
             p.label_map = lm
         return preds
+
+
+def build_pipeline(config: PipelineConfig) -> AutoSegPipeline:
+    """Every model of ``config`` loaded, the enhancer (``config.enhancer``) included, checked against BLIP's width."""
+    enhancer = load_enhancer(config.enhancer) if config.enhancer else None
+    pipeline = AutoSegPipeline.from_config(config, enhancer=enhancer)
+    if enhancer is not None and enhancer.dim != pipeline.captioner.hidden_size:
+        raise ValueError(
+            f"enhancer {config.enhancer} was trained on {enhancer.dim}-d BLIP tokens but BLIP {config.blip} has "
+            f"{pipeline.captioner.hidden_size}-d tokens; use the BLIP it was trained with"
+        )
+    return pipeline
 
 
 def caption_clusters(cluster_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

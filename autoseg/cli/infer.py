@@ -129,17 +129,9 @@ def config_from_args(args: argparse.Namespace):
 
 def build_pipeline(config):
     """Load the models of ``config`` (heavy imports happen here, after the arguments are known to be good)."""
-    from autoseg.models.enhancer import load_enhancer
-    from autoseg.pipeline import AutoSegPipeline
+    from autoseg.pipeline import build_pipeline as load
 
-    enhancer = load_enhancer(config.enhancer) if config.enhancer else None
-    pipeline = AutoSegPipeline.from_config(config, enhancer=enhancer)
-    if enhancer is not None and enhancer.dim != pipeline.captioner.hidden_size:
-        raise ValueError(
-            f"enhancer {config.enhancer} was trained on {enhancer.dim}-d BLIP tokens but BLIP {config.blip} has "
-            f"{pipeline.captioner.hidden_size}-d tokens; use the BLIP it was trained with"
-        )
-    return pipeline
+    return load(config)
 
 
 def predict_files(

@@ -57,8 +57,8 @@ class PipelinePredictor(L.LightningModule):
         self.writer: SegmentationWriter | None = None
 
     def setup(self, stage: str) -> None:
-        from autoseg.cli.infer import build_pipeline
         from autoseg.config import PipelineConfig
+        from autoseg.pipeline import build_pipeline
 
         device = self.trainer.strategy.root_device
         config = from_dict(PipelineConfig, {**self.hparams.config, "device": str(device)}, "pipeline config")
