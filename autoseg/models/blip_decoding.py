@@ -76,9 +76,9 @@ class SharedCrossCache(EncoderDecoderCache):
     """A decoder cache whose cross-attention keys/values are stored once per state set, for its ``group`` rows.
 
     The generation batch holds ``group`` consecutive rows per set (its passes). Sets are bucketed by
-    :func:`bucket_length`; a bucket's keys are ``G x H x d x L_b`` and values ``G x H x L_b x d`` with an additive ``-inf`` mask on the
-    padding. With ``mask_padding=False`` every set is padded to the longest and the padding is attended (the states
-    are zero vectors, as transformers v5's BLIP attended them), so models trained that way decode as they were trained.
+    :func:`bucket_length`; a bucket's keys are ``G x H x d x L_b`` and values ``G x H x L_b x d``, with an additive
+    ``-inf`` mask on the padding. With ``mask_padding=False`` every set is padded to the longest and the padding is
+    attended (zero states, as transformers v5's BLIP attends them), so models trained that way decode as trained.
     The self-attention part is transformers' ``DynamicCache``.
 
     Args:
