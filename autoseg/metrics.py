@@ -63,16 +63,19 @@ def confusion_matrix(
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
     keep = target != ignore_index
     pred, target = pred[keep], target[keep]
-    bad_t = (target < 0) | (target >= num_classes)
-    if bad_t.any():
+    if target.numel() == 0:
+        return torch.zeros(num_classes, num_classes + 1, dtype=torch.long, device=target.device)
+    (t_lo, t_hi), (p_lo, p_hi) = target.aminmax(), pred.aminmax()  # one pass each; the masks only on error
+    if t_lo < 0 or t_hi >= num_classes:
+        bad = (target < 0) | (target >= num_classes)
         raise ValueError(
-            f"ground-truth ids {torch.unique(target[bad_t])[:10].tolist()} outside 0..{num_classes - 1} "
+            f"ground-truth ids {torch.unique(target[bad])[:10].tolist()} outside 0..{num_classes - 1} "
             f"and not the ignore index {ignore_index}"
         )
-    bad_p = (pred < 0) | (pred > num_classes)
-    if bad_p.any():
+    if p_lo < 0 or p_hi > num_classes:
+        bad = (pred < 0) | (pred > num_classes)
         raise ValueError(
-            f"predicted ids {torch.unique(pred[bad_p])[:10].tolist()} outside 0..{num_classes} ({num_classes} = void)"
+            f"predicted ids {torch.unique(pred[bad])[:10].tolist()} outside 0..{num_classes} ({num_classes} = void)"
         )
     counts = torch.bincount(target * (num_classes + 1) + pred, minlength=num_classes * (num_classes + 1))
     return counts.reshape(num_classes, num_classes + 1)

@@ -97,7 +97,9 @@ def main(argv=None) -> int:
         make_data(root, args.images, args.size)
         dataset = build_dataset("folder", root / "ds")
         mapper = build_mapper("embedding")
-        list(mapper.backend.map(["warm up"], dataset.classes, "folder"))  # load the encoder outside the timing
+        # load the models (sentence encoder, spaCy's lemmatizer) outside the timing, as for the reference flow
+        list(mapper.backend.map(["warm up"], dataset.classes, "folder"))
+        mapper._lemma_fn()
 
         t0 = time.perf_counter()
         report = evaluate_predictions(root / "preds", dataset, mapper, progress=False)
