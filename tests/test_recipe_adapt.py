@@ -11,7 +11,7 @@ from PIL import Image
 from autoseg.lit.sources import build_blip, grow_blip_vocabulary, missing_words
 from autoseg.models.blip import BlipCaptioner
 from autoseg.models.scratch import make_blip
-from autoseg.recipes import adapt
+from autoseg.recipes import adapt, adapt_data
 
 
 def make_folder(root, classes, n, size=16, seed=0, captions=False):
@@ -96,10 +96,19 @@ def test_prepare_data_view_captions_replay_and_weights(tmp_path):
     new = make_folder(tmp_path / "new", ["sky", "zorblat"], 30, captions=True)
     (new / "captions" / "005.json").unlink()  # one image without captions: taught from its mask
     old = make_folder(tmp_path / "old", ["grass", "sky"], 10, seed=1)
-    info = adapt.prepare_data(new, tmp_path / "out", seed=0, replay=old)
+    info = adapt.prepare_data(new, tmp_path / "out", seed=0, replay=old, known=["sky", "grass"])
     assert info["classes"] == ["sky", "zorblat", "grass"] and info["train"] + info["val"] == 40
     assert info["val"] == 40 // adapt.VAL_EVERY and len(info["class_weights"]) == 3
+    assert info["new_classes"] == ["zorblat"]
     train = tmp_path / "out" / "train"
+    # every training image of the new folder shows a zorblat: listed NEW_REPEAT times, the replay images once
+    repeats = sorted(p.name for p in (train / "masks").glob("*_repeat*.png"))
+    assert info["repeats"] == len(repeats) == 29 * (adapt_data.NEW_REPEAT - 1)  # 30 images, 1 held out (index 19)
+    assert len(list((train / "images").iterdir())) == len(list((train / "captions").iterdir())) == 38 + info["repeats"]
+    assert (train / "captions" / "000_repeat1.json").read_text() == (train / "captions" / "000.json").read_text()
+    assert not list((tmp_path / "out" / "val" / "masks").glob("*_repeat*"))
+    boost = [adapt_data.NEW_CLASS_WEIGHT if c == "zorblat" else 1.0 for c in info["classes"]]
+    assert info["feature_weights"] == [round(w * b, 3) for w, b in zip(info["class_weights"], boost, strict=True)]
     assert (train / "classes.txt").read_text().split() == ["sky", "zorblat", "grass"]
     assert json.loads((train / "captions" / "000.json").read_text())["regions"][0]["caption"] == "own words"
     from_mask = json.loads((train / "captions" / "005.json").read_text())
@@ -111,19 +120,24 @@ def test_prepare_data_view_captions_replay_and_weights(tmp_path):
     regions = json.loads((train / "captions" / "replay_000.json").read_text())["regions"]
     assert {r["class"] for r in regions} <= {"sky", "grass"}
     assert all(1.0 <= w <= 3.0 for w in info["class_weights"])
-    assert adapt.prepare_data(new, tmp_path / "out2", seed=0, replay=old) == info  # deterministic
+    assert adapt.prepare_data(new, tmp_path / "out2", seed=0, replay=old, known=["sky", "grass"]) == info
+    plain = adapt.prepare_data(new, tmp_path / "out3", seed=0, replay=old)  # starting classes unknown: nothing new
+    assert plain["new_classes"] == [] and plain["repeats"] == 0 and plain["feature_weights"] == plain["class_weights"]
 
 
 def test_stage_configs_fill_in_sources_budgets_and_logger(tmp_path):
     path, settings = adapt.starting_pipeline("demo")
     assert path.name == "demo.yaml"
-    data = {"classes": ["a", "b"], "class_weights": [1.0, 2.5]}
+    settings["caption_scale"] = adapt.pick_caption_scale(settings, None)  # 192: the template's image_size
+    data = {"classes": ["a", "b"], "class_weights": [1.0, 2.5], "feature_weights": [1.0, 5.0]}
     configs = adapt.stage_configs(tmp_path, settings, data, minutes=10, scale=0.5)
     assert set(configs) == {"captioner", "segmenter", "enhancer"}
     cap, seg, enh = configs["captioner"], configs["segmenter"], configs["enhancer"]
     template = yaml.safe_load((adapt.CONFIGS / "captioner.yaml").read_text())
     assert cap["trainer"]["max_steps"] == round(template["trainer"]["max_steps"] * 10 / 20 * 0.5)
-    assert cap["trainer"]["max_time"] == "00:00:06:18"  # 0.7 of 10 minutes, times the margin 0.9
+    assert cap["trainer"]["max_time"] == "00:00:07:39"  # 0.85 of 10 minutes, times the margin 0.9
+    assert enh["trainer"]["max_time"] == "00:00:01:21"  # 0.15 of 10 minutes, times the margin 0.9
+    assert cap["model"]["init_args"]["aux_class_weights"] == [1.0, 5.0]
     assert cap["model"]["init_args"]["blip"] == str(tmp_path / "work" / "blip")
     assert cap["trainer"]["logger"]["init_args"] == {
         "save_dir": str(tmp_path / "captioner"),
@@ -133,9 +147,38 @@ def test_stage_configs_fill_in_sources_budgets_and_logger(tmp_path):
     assert cap["data"]["train"]["root"] == str(tmp_path / "data" / "train")
     assert seg["model"]["init_args"]["segmenter"] == settings["segmenter"]["source"]
     assert seg["model"]["init_args"]["class_weights"] == [1.0, 2.5]
+    assert seg["model"]["init_args"]["patch_class_weights"] == [1.0, 5.0]
     assert enh["model"]["init_args"]["blip"].startswith(str(tmp_path / "captioner"))
     init = next(c for c in enh["trainer"]["callbacks"] if c["class_path"].endswith("InitEnhancer"))
     assert init["init_args"]["path"] == settings["enhancer"] and enh["model"]["init_args"]["head_width"] == 128
+
+
+def test_caption_scale_defaults_to_the_finest_and_scales_the_captioner_steps(tmp_path):
+    _, settings = adapt.starting_pipeline("demo")
+    assert settings["scales"] == [128, 192] and settings["caption_scale"] == 128
+    assert adapt.pick_caption_scale(settings, None) == 192 and adapt.pick_caption_scale(settings, 128) == 128
+    with pytest.raises(ValueError, match="not one of"):
+        adapt.pick_caption_scale(settings, 160)
+    data = {"classes": ["a", "b"], "class_weights": [1.0, 2.5]}
+    template = {s: yaml.safe_load((adapt.CONFIGS / f"{s}.yaml").read_text()) for s in ("captioner", "enhancer")}
+    for scale in (192, 128):
+        configs = adapt.stage_configs(tmp_path, {**settings, "caption_scale": scale}, data, minutes=20, scale=1.0)
+        for stage in ("captioner", "enhancer"):
+            cfg, side = configs[stage], template[stage]["data"]["image_size"] / scale
+            assert cfg["data"]["image_size"] == scale  # trained at the scale the pipeline captions at
+            assert cfg["trainer"]["max_steps"] == round(template[stage]["trainer"]["max_steps"] * side)
+        assert configs["captioner"]["model"]["init_args"]["caption_scale"] == scale
+        assert (
+            configs["segmenter"]["trainer"]["max_steps"]
+            == yaml.safe_load((adapt.CONFIGS / "segmenter.yaml").read_text())["trainer"]["max_steps"]
+        )
+
+
+def test_cli_rejects_a_caption_scale_the_pipeline_does_not_encode(tmp_path, capsys):
+    data = make_folder(tmp_path / "d", ["sky"], 2)
+    with pytest.raises(SystemExit):
+        adapt.main(["--from", "demo", "--data", str(data), "--out", str(tmp_path / "o"), "--caption-scale", "160"])
+    assert "--caption-scale" in capsys.readouterr().err
 
 
 def test_run_stage_resumes_from_last_checkpoint(tmp_path, monkeypatch):
@@ -197,6 +240,7 @@ def test_adapt_smoke_run_and_resume(tmp_path):
         assert (out / "configs" / f"{stage}.yaml").is_file()
     pipeline = load_config(out / "pipeline.yaml")
     assert pipeline.blip == str(out / "models" / "blip") and pipeline.caption.mask_padding is True
+    assert pipeline.caption_scale == 192 == result["caption_scale"]  # the demo's finest scale
     assert BlipCaptioner.from_pretrained(pipeline.blip).processor.tokenizer.tokenize("blorvik") == ["blorvik"]
     assert "blorvik (new)" in (out / "adapt.md").read_text()
     seconds = dict(result["seconds"])

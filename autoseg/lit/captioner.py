@@ -95,6 +95,8 @@ class CaptionerModule(AutoSegModule):
         label_smoothing: of the LM cross-entropy (BLIP's own pre-training and fine-tuning use 0.1).
         freeze_vision: keep the vision encoder fixed (it is then left out of checkpoints).
         aux_weight: weight of the auxiliary per-patch class loss (0: no head).
+        aux_class_weights: per-class weights of the auxiliary loss (None: equal). The head is not exported, so they
+            steer what the encoder learns to tell apart without biasing the exported decoder towards some names.
         lm_weight: weight of the caption loss; 0 trains only the vision encoder with the auxiliary loss (a cheap first
             stage for a from-scratch encoder: no text decoding, so a step costs a fraction; validation then reports
             ``val/aux_loss`` and ``val/patch_acc``, and a later run starts from its export).
@@ -127,6 +129,7 @@ class CaptionerModule(AutoSegModule):
         label_smoothing: float = 0.0,
         freeze_vision: bool = False,
         aux_weight: float = 0.0,
+        aux_class_weights: list[float] | None = None,
         lm_weight: float = 1.0,
         val_caption: dict[str, Any] | None = None,
         nouns: dict[str, Any] | None = None,
@@ -162,6 +165,10 @@ class CaptionerModule(AutoSegModule):
                 f"set aux_weight > 0 (got {aux_weight}) and freeze_vision false (got {freeze_vision})"
             )
         self.aux_head = nn.Linear(self.blip.hidden_size, len(classes)) if aux_weight > 0 else None
+        if aux_class_weights is not None and len(aux_class_weights) != len(classes):
+            raise ValueError(f"aux_class_weights has {len(aux_class_weights)} values for {len(classes)} classes")
+        weights = None if aux_class_weights is None else torch.tensor(aux_class_weights, dtype=torch.float32)
+        self.register_buffer("aux_class_weights", weights, persistent=False)
         text_config = self.blip.model.config.text_config
         self.max_tokens = min(max_caption_tokens, text_config.max_position_embeddings)
         defaults = dict(sample=False, n_passes=1, min_new_tokens=1, max_new_tokens=20, prompt=prompt)
@@ -322,7 +329,9 @@ class CaptionerModule(AutoSegModule):
         losses: dict[str, torch.Tensor] = {}
         if self.aux_head is not None:
             logits = self.aux_head(tokens.patches)  # B x N x C
-            losses["aux_loss"] = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORED)
+            losses["aux_loss"] = F.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), weight=self.aux_class_weights, ignore_index=IGNORED
+            )
             if not self.training:
                 scored = labels != IGNORED
                 losses["patch_acc"] = (logits.argmax(-1) == labels)[scored].float().mean()

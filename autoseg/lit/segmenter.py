@@ -70,6 +70,8 @@ class SegmenterModule(AutoSegModule):
         loss: "ce", "bce" or "ce+bce".
         bce_weight: weight of the BCE term in "ce+bce".
         class_weights: per-class weights of the cross-entropy terms (e.g. more weight on small "thing" classes).
+        patch_class_weights: per-class weights of the auxiliary patch loss (None: ``class_weights``); the patch head
+            is not exported, so they steer what the vision tower learns to tell apart without biasing the decoder.
         patch_loss_weight: clipseg: weight of an auxiliary per-patch class loss: a linear head (not exported) on the
             last CLIP vision layer predicts each patch's majority class. Helps a from-scratch vision tower learn shapes.
         decoder_loss_weight: weight of the decoder loss; 0 trains only the vision tower through the patch loss (a
@@ -96,6 +98,7 @@ class SegmenterModule(AutoSegModule):
         loss: str = "ce",
         bce_weight: float = 1.0,
         class_weights: list[float] | None = None,
+        patch_class_weights: list[float] | None = None,
         patch_loss_weight: float = 0.0,
         decoder_loss_weight: float = 1.0,
         scratch: dict[str, Any] | None = None,
@@ -112,8 +115,9 @@ class SegmenterModule(AutoSegModule):
         self.require_classes(classes, "SegmenterModule")
         if loss not in LOSSES:
             raise ValueError(f"loss {loss!r} unknown; choose one of {LOSSES}")
-        if class_weights is not None and len(class_weights) != len(classes):
-            raise ValueError(f"class_weights has {len(class_weights)} values for {len(classes)} classes")
+        for name, values in (("class_weights", class_weights), ("patch_class_weights", patch_class_weights)):
+            if values is not None and len(values) != len(classes):
+                raise ValueError(f"{name} has {len(values)} values for {len(classes)} classes")
         if patch_loss_weight <= 0 and decoder_loss_weight <= 0:
             raise ValueError("nothing to train: patch_loss_weight and decoder_loss_weight are both 0")
         if backend not in BACKENDS:
@@ -137,6 +141,8 @@ class SegmenterModule(AutoSegModule):
         self.val_iou = DatasetIoU(len(classes), ignore_index)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weights", weights, persistent=False)
+        patch_weights = torch.tensor(patch_class_weights, dtype=torch.float32) if patch_class_weights else weights
+        self.register_buffer("patch_class_weights", patch_weights, persistent=False)
         self.patch_head = None
         if patch_loss_weight > 0:
             self.patch_head = torch.nn.Linear(self.segmenter.model.config.vision_config.hidden_size, len(classes))
@@ -225,8 +231,9 @@ class SegmenterModule(AutoSegModule):
             total = total + hp.decoder_loss_weight * decoder
         if patch_logits is not None:
             labels = patch_labels(mask, self._patch_grid(mask), hp.ignore_index)  # B x N
+            weight = self.patch_class_weights
             out["patch"] = F.cross_entropy(
-                patch_logits.flatten(0, 1).float(), labels.flatten(), weight=self.class_weights, ignore_index=IGNORED
+                patch_logits.flatten(0, 1).float(), labels.flatten(), weight=weight, ignore_index=IGNORED
             )
             total = total + hp.patch_loss_weight * out["patch"]
         out["loss"] = total
