@@ -113,13 +113,14 @@ def template_text_features(
     prefixes = [prefix_ids(tokenizer, t) for t in templates]
     prompts = [t.format(n) for n in names for t in templates]
     full = tokenizer(prompts, truncation=True).input_ids
-    rows = []  # per prompt: (prefix index or -1, suffix ids, pooled position within the suffix)
+    empty = len(prefixes)  # the empty prefix (index T) serves prompts that run in full
+    rows = []  # per prompt: (prefix index, suffix ids, pooled position within the suffix)
     for i, ids in enumerate(full):
-        t = i % len(templates)
+        t, pooled_at = i % len(templates), pooled_index(text_model, ids)
         p = prefixes[t]
-        keep = len(p) if ids[: len(p)] == p and pooled_index(text_model, ids) >= len(p) else 0
-        rows.append((t if keep else -1, ids[keep:], pooled_index(text_model, ids) - keep))
-    # the empty prefix (index T) serves prompts that run in full
+        shared = ids[: len(p)] == p and pooled_at >= len(p)
+        keep = len(p) if shared else 0
+        rows.append((t if shared else empty, ids[keep:], pooled_at - keep))
     kv = run_prefixes(text_model, [*prefixes, [tokenizer.pad_token_id or 0]])
     prefix_len = torch.tensor([*(len(p) for p in prefixes), 0], device=dev)
     pooled = [None] * len(rows)
@@ -128,7 +129,7 @@ def template_text_features(
         by_length.setdefault(len(suffix), []).append(i)
     for _, members in sorted(by_length.items()):
         ids = torch.tensor([rows[i][1] for i in members], device=dev)  # N x L
-        which = torch.tensor([rows[i][0] if rows[i][0] >= 0 else len(prefixes) for i in members], device=dev)
+        which = torch.tensor([rows[i][0] for i in members], device=dev)
         states = run_suffixes(text_model, ids, prefix_len[which], kv, which, prefix_len)  # N x L x D
         at = torch.tensor([rows[i][2] for i in members], device=dev)
         for i, state in zip(members, states[torch.arange(len(members), device=dev), at], strict=True):
