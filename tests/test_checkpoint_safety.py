@@ -9,6 +9,7 @@ import functools
 import http.server
 import os
 import pathlib
+import random
 import re
 import shutil
 import threading
@@ -129,11 +130,23 @@ def test_a_remote_checkpoint_loads_by_the_rules_of_a_local_one(trained, served, 
         load_checkpoint(f"{url}/missing.ckpt")
 
 
+def test_any_random_bytes_give_a_checkpoint_error_naming_the_file(tmp_path):
+    """Unpickling arbitrary bytes can fail with any exception type (IndexError, KeyError, ...); each is reported."""
+    for seed in range(200):
+        path = tmp_path / f"{seed}.ckpt"
+        path.write_bytes(random.Random(seed).randbytes(4096))
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(path)
+        message = str(caught.value)
+        assert message.startswith(f"{path}: cannot be read: damaged, truncated or not a checkpoint ("), message
+        assert "\n" not in message
+
+
 def damaged_files(last: pathlib.Path, folder: pathlib.Path) -> dict[str, pathlib.Path]:
     """A real checkpoint's damaged variants and other files that are not checkpoints."""
     data = last.read_bytes()
     files = {
-        "random": os.urandom(4096),
+        "random": random.Random(2).randbytes(4096),  # seed 2: the unpickler fails with IndexError
         "truncated": data[: len(data) // 2],
         "empty": b"",
     }
@@ -215,7 +228,7 @@ def test_infer_reports_a_damaged_enhancer_file_in_one_line(kind, tiny_blip_dir, 
     if kind == "truncated":
         truncate(head)
     elif kind == "random":
-        head.write_bytes(os.urandom(4096))
+        head.write_bytes(random.Random(2).randbytes(4096))
     else:
         head.unlink()
         head.mkdir()

@@ -102,13 +102,15 @@ def load_checkpoint(
                 "written by `train.py fit`, or, only if you trust the file's origin, pass --weights_only=false"
             ) from e
         raise _damaged(path, e) from e
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+    except Exception as e:  # noqa: BLE001 - unpickling arbitrary bytes raises any type (IndexError, KeyError, ...)
         raise _damaged(path, e) from e
     _check_layout(path, checkpoint)
     return checkpoint
 
 
 def _damaged(path: str | os.PathLike, error: Exception) -> CheckpointError:
+    if not isinstance(error, (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError)):
+        error = pickle.UnpicklingError(f"unreadable pickle data: {type(error).__name__} {error}")
     text = str(error).split("WeightsUnpickler error:")[-1]  # torch's own hint (weights_only=False) does not apply
     reason = next((line.strip().split(". ")[0][:200] for line in text.splitlines() if line.strip()), "")
     reason = reason or ("the file is empty or ends early" if isinstance(error, EOFError) else type(error).__name__)
