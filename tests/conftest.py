@@ -12,6 +12,12 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same torch seed, so its result does not depend on which tests ran before it."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_blip_dir(tmp_path_factory):
     """A tiny random BLIP captioner (+ processor) saved with save_pretrained."""
