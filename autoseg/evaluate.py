@@ -130,7 +130,7 @@ def evaluate_predictions(
         if vocabularies[name] is None:
             label_map, vocabulary = np.zeros(gt.shape, dtype=np.int64), []
         else:
-            label_map, vocabulary = read_prediction(pred_dir, name)
+            label_map, vocabulary = read_prediction(pred_dir, name, vocabularies[name])
             if label_map.shape != gt.shape:
                 raise ValueError(
                     f"{pred_dir / name}.png: prediction is {label_map.shape[1]}x{label_map.shape[0]} (WxH) but the "

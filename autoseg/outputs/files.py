@@ -12,6 +12,7 @@ The JSON is written last: an image's set counts as written only once its JSON ex
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -190,8 +191,13 @@ def read_vocabulary_record(js: Path) -> list[str]:
     return vocabulary
 
 
-def read_prediction(pred_dir: str | Path, stem: str | Path) -> tuple[np.ndarray, list[str]]:
+def read_prediction(
+    pred_dir: str | Path, stem: str | Path, vocabulary: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """Read back ``(label_map, vocabulary)`` written by :func:`write_prediction`.
+
+    ``vocabulary``, when the caller has already read it from the JSON (:func:`read_vocabulary_record`), is not read
+    again.
 
     Raises:
         FileNotFoundError: the PNG or the JSON is missing (the message names it).
@@ -202,7 +208,7 @@ def read_prediction(pred_dir: str | Path, stem: str | Path) -> tuple[np.ndarray,
     for f in (png, js):
         if not f.is_file():
             raise FileNotFoundError(f"{f}: prediction file missing (expected infer.py output IMG.png + IMG.json)")
-    vocabulary = read_vocabulary_record(js)
+    vocabulary = read_vocabulary_record(js) if vocabulary is None else vocabulary
     with Image.open(png) as im:
         label_map = np.asarray(im).astype(np.int64)
     if label_map.ndim != 2:
