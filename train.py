@@ -1,4 +1,4 @@
-"""Train the embedding enhancer or fine-tune the segmenter. Run `python train.py --help` (LightningCLI)."""
+"""Train the embedding enhancer or fine-tune the segmenter / captioner. Run `python train.py --help` (LightningCLI)."""
 
 import sys
 

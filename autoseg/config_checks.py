@@ -1,22 +1,29 @@
 """Checks of a pipeline config against this machine and the models' ``config.json`` files; no weights are loaded.
 
 :func:`check_runtime` runs after :func:`autoseg.config.load_config` and before any model loads: the device exists,
-the dtype suits it, the model paths exist, the scales fit BLIP's patch size, the segmenter's input size fits its patch
-size, the caption length fits BLIP's text decoder, and the enhancer was trained on tokens of BLIP's width; the
-segmenter's model is of the kind its backend loads (a CLIPSeg for clipseg, a SAM 3 for sam3, ...).
+the model paths exist, the spaCy pipeline is installed, the scales fit BLIP's patch size, the caption length fits
+BLIP's text decoder, the enhancer was trained on tokens of BLIP's width, and the segmenter's model is of the kind its
+backend loads (a CLIPSeg for clipseg, a SAM 3 for sam3, ...) plus the backend's own checks (``Backend.check``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from autoseg.config import DEVICE_FORMS, ConfigError, PipelineConfig, blame_overrides, config_error, validate_config
-from autoseg.models.segmenters import DEFAULT_SOURCES, MODEL_TYPES, segmenter_source
-from autoseg.models.segmenters.grounded_sam import DEFAULT_SAM, grounded_sources
+from autoseg.models import blip as blip_module
+from autoseg.models.loading import is_scratch, scratch_model_config, scratch_size
+from autoseg.models.segmenters import BACKENDS, backend_of
+from autoseg.models.segmenters.spec import nearest_multiples, vision_setting
+
+log = logging.getLogger("autoseg")
+FLAGS = {"blip": "--blip", "segmenter.source": "--segmenter", "enhancer": "--enhancer"}
 
 
 def check_runtime(
@@ -49,15 +56,15 @@ def _check_runtime(config: PipelineConfig, source: str) -> None:
     validate_config(config, source)
     device = resolve_device(config.device, source)
     if device.type == "cpu" and config.dtype != "float32":
-        how = " ('auto' found no GPU)" if config.device == "auto" else ""
-        raise config_error(
-            "dtype",
-            f"expected float32 on CPU (float16 and bfloat16 are for GPUs), got {config.dtype!r} with device "
-            f"{config.device!r}{how}; use --dtype float32, or a CUDA device",
-            source,
+        log.warning(
+            "%s on CPU: runs, but slowly on CPUs without %s units (float32 is usually faster there)",
+            config.dtype,
+            config.dtype,
         )
-    check_model_source("blip", config.blip, "--blip", source)
-    _check_segmenter_sources(config, source)
+    check_model_source("blip", config.blip, source=source)
+    for key, where in backend_of(config.segmenter).sources(config.segmenter).items():
+        check_model_source(key, where, source=source)
+    _check_spacy(config.nouns.spacy_model, source)
     if config.enhancer is not None and not Path(config.enhancer).expanduser().is_file():
         raise config_error(
             "enhancer",
@@ -69,6 +76,23 @@ def _check_runtime(config: PipelineConfig, source: str) -> None:
     if blip is not None:
         _check_blip(config, blip, source)
     _check_segmenter(config, source)
+
+
+def _check_spacy(name: str | None, source: str) -> None:
+    """A named spaCy pipeline must be an installed package or a pipeline folder (``config.cfg`` + ``meta.json``)."""
+    if name is None:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir() and (path / "config.cfg").is_file():
+        return
+    if not path.exists() and "/" not in name and importlib.util.find_spec(name) is not None:
+        return
+    raise config_error(
+        "nouns.spacy_model",
+        f"expected an installed spaCy pipeline package (e.g. en_core_web_sm) or a pipeline folder with config.cfg, "
+        f"got {name!r}; or leave it null for the default",
+        source,
+    )
 
 
 def resolve_device(device: str, source: str = "config") -> torch.device:
@@ -110,12 +134,25 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
-def check_model_source(key: str, name: str, flag: str, source: str = "config") -> None:
-    """A model source must be an existing directory, or a name that can be a Hugging Face id (``org/name``).
+def check_model_source(key: str, name: str, flag: str | None = None, source: str = "config") -> None:
+    """A model source must be an existing directory, a name that can be a Hugging Face id (``org/name``) or
+    ``scratch:NAME`` of a registered size.
+
+    Args:
+        key: the setting (``blip``, ``segmenter.source``, ...).
+        flag: how a user sets it, named in the message (default: the command-line flag of ``key``, else ``key``).
 
     Raises:
-        ConfigError: a file instead of a directory, or a path that does not exist.
+        ConfigError: a file instead of a directory, a path that does not exist, an unknown scratch size.
     """
+    flag = flag or FLAGS.get(key, key)
+    if is_scratch(name):
+        sizes = _scratch_sizes(key)
+        try:
+            scratch_size(name, sizes, key)
+        except ValueError:
+            raise config_error(key, f"unknown scratch size in {name!r}; available: {sorted(sizes)}", source) from None
+        return
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
         raise config_error(key, f"{name} is a file; expected a model directory (save_pretrained output)", source)
@@ -128,13 +165,26 @@ def check_model_source(key: str, name: str, flag: str, source: str = "config") -
         )
 
 
-def model_config(name: str) -> Any | None:
+def _scratch_sizes(key: str, backend: str | None = None) -> dict[str, Any]:
+    if key == "blip":
+        return blip_module.SCRATCH_SIZES
+    names = [backend] if backend else list(BACKENDS)
+    return {size: spec for n in names for size, spec in BACKENDS[n].scratch_sizes.items()}
+
+
+def model_config(name: str, key: str = "blip", backend: str | None = None) -> Any | None:
     """The ``transformers`` config of a local model directory or a cached Hugging Face id; None when not found.
 
-    Reads ``config.json`` only (``local_files_only``: never the network); unknown model types also give None.
+    Reads ``config.json`` only (``local_files_only``: never the network); unknown model types also give None. For a
+    ``scratch:NAME`` source of setting ``key`` (of segmenter ``backend``), the registered size's vision settings.
     """
     from transformers import AutoConfig
 
+    if is_scratch(name):
+        sizes = _scratch_sizes(key, backend)
+        size = sizes.get(name.split(":", 1)[1])
+        model_type = "blip" if key == "blip" else BACKENDS[backend].model_types[0] if backend else ""
+        return scratch_model_config(size, model_type) if size is not None else None
     path = Path(name).expanduser()
     if not path.is_dir() and _looks_like_path(name):
         return None
@@ -144,25 +194,15 @@ def model_config(name: str) -> Any | None:
         return None
 
 
-def _vision(model: Any, attr: str) -> int | None:
-    value = getattr(getattr(model, "vision_config", None), attr, None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-def _nearest_multiples(value: int, step: int) -> str:
-    low, high = value // step * step, (value // step + 1) * step
-    return f"{low} or {high}" if low > 0 else str(high)
-
-
 def _check_blip(config: PipelineConfig, blip: Any, source: str) -> None:
-    patch = _vision(blip, "patch_size")
+    patch = vision_setting(blip, "patch_size")
     if patch is not None:
         bad = [s for s in config.scales if s % patch]
         if bad:
             raise config_error(
                 "scales",
                 f"expected multiples of BLIP's patch size {patch} (vision_config.patch_size of {config.blip}), "
-                f"got {list(config.scales)}; e.g. {_nearest_multiples(bad[0], patch)} instead of {bad[0]}",
+                f"got {list(config.scales)}; e.g. {nearest_multiples(bad[0], patch)} instead of {bad[0]}",
                 source,
             )
     positions = getattr(getattr(blip, "text_config", None), "max_position_embeddings", None)
@@ -174,7 +214,7 @@ def _check_blip(config: PipelineConfig, blip: Any, source: str) -> None:
             f"{config.caption.prompt!r} takes at least {prompt_tokens}), got {config.caption.max_new_tokens}",
             source,
         )
-    width = _vision(blip, "hidden_size")
+    width = vision_setting(blip, "hidden_size")
     dim = _enhancer_dim(config.enhancer) if config.enhancer is not None else None
     if width is not None and dim is not None and dim != width:
         raise config_error(
@@ -197,48 +237,20 @@ def _enhancer_dim(path: str) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
-def _check_segmenter_sources(config: PipelineConfig, source: str) -> None:
-    seg = config.segmenter
-    check_model_source("segmenter.source", segmenter_source(seg), "--segmenter", source)
-    if seg.name == "grounded_sam":  # its SAM: sam_source, the sam/ of a combined folder, or the default id
-        _, sam = grounded_sources(segmenter_source(seg), seg.sam_source)
-        check_model_source("segmenter.sam_source", sam, "segmenter.sam_source", source)
-
-
 def _check_segmenter(config: PipelineConfig, source: str) -> None:
+    """The segmenter's model is of a type its backend loads; then the backend's own checks."""
     seg = config.segmenter
-    where = segmenter_source(seg)
-    if seg.name == "grounded_sam":
-        where, sam_where = grounded_sources(where, seg.sam_source)
-        sam = model_config(sam_where)
-        if sam is not None and sam.model_type != "sam":
-            raise config_error(
-                "segmenter.sam_source",
-                f"{sam_where} holds a {sam.model_type!r} model; grounded_sam needs a SAM ('sam', e.g. {DEFAULT_SAM})",
-                source,
-            )
-    model = model_config(where)
-    if model is None:
-        return
-    expected = MODEL_TYPES[seg.name]
-    if model.model_type not in expected:
-        others = [name for name, types in MODEL_TYPES.items() if model.model_type in types]
+    backend = backend_of(seg)
+    where = backend.sources(seg)["segmenter.source"]
+    model = model_config(where, "segmenter.source", seg.name)
+    if model is not None and model.model_type not in backend.model_types:
+        others = [name for name, b in BACKENDS.items() if model.model_type in b.model_types]
         hint = f"use --segmenter-backend {others[0]}, or " if others else ""
         raise config_error(
             "segmenter.source",
-            f"{where} holds a {model.model_type!r} model but segmenter {seg.name!r} loads {list(expected)}; "
-            f"{hint}pass a {seg.name} model with --segmenter (default {DEFAULT_SOURCES[seg.name]})",
+            f"{where} holds a {model.model_type!r} model but segmenter {seg.name!r} loads {list(backend.model_types)}; "
+            f"{hint}pass a {seg.name} model with --segmenter (default {backend.default_source})",
             source,
         )
-    if seg.name != "clipseg":
-        return  # SAM 3, Grounding DINO and SAM take their input size from their processors
-    patch = _vision(model, "patch_size")
-    size = seg.image_size
-    if patch is not None and size % patch:
-        raise config_error(
-            "segmenter.image_size",
-            f"expected a multiple of the segmenter's patch size {patch} (vision_config.patch_size of "
-            f"{where}; other sizes crop the image's right and bottom edge), got {size}; "
-            f"e.g. {_nearest_multiples(size, patch)}",
-            source,
-        )
+    if backend.check is not None:
+        backend.check(seg, lambda name: model_config(name, "segmenter.source", seg.name), source)

@@ -1,4 +1,5 @@
-"""Evaluation behind ``eval.py``: score open-vocabulary predictions against a benchmark with LAVE-mapped names.
+"""Scoring behind ``eval.py`` (its command line is :mod:`autoseg.cli.eval`): open-vocabulary predictions against a
+benchmark with LAVE-mapped names.
 
 Mode ``--predictions DIR``: read the ``infer.py`` outputs (``DIR/NAME.png`` + ``DIR/NAME.json``, see
 :mod:`autoseg.outputs`) of every ground-truth image ``NAME`` of the dataset, map each unique generated name once to a
@@ -15,11 +16,8 @@ IoU bars); scalars in TensorBoard with ``--tensorboard DIR``.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,15 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from autoseg.cli.infer import add_device_args, add_pipeline_args
-from autoseg.config import to_dict
-from autoseg.data.datasets import DATASETS, SegmentationDataset, build_dataset
-from autoseg.lave import MappingError, add_mapper_args, mapper_from_args
-from autoseg.metrics import ABSENT_RULES, DatasetIoU, to_dataset_ids
-from autoseg.models.loading import ModelLoadError
-from autoseg.outputs import RunManifest, prediction_files, read_prediction
+from autoseg.data.datasets import SegmentationDataset
+from autoseg.metrics import DatasetIoU, to_dataset_ids
+from autoseg.outputs import prediction_files, read_prediction
 from autoseg.outputs.files import read_vocabulary_record
-from autoseg.utils.io import atomic_write, atomic_write_json, atomic_write_text, prepare_output_dir
+from autoseg.utils.io import atomic_write, atomic_write_json, atomic_write_text
 
 MISSING_POLICIES = ("miss", "error")
 MAX_BARS = 150
@@ -166,7 +160,7 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _fmt(x: float | None) -> str:
+def fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
@@ -181,15 +175,14 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         "",
         "| mIoU | pixel acc | mean acc | fwIoU |",
         "|---:|---:|---:|---:|",
-        f"| {_fmt(report['mIoU'])} | {_fmt(report['pixel_acc'])} | {_fmt(report['mean_acc'])} | "
-        f"{_fmt(report['fwIoU'])} |",
+        f"| {fmt(report['mIoU'])} | {fmt(report['pixel_acc'])} | {fmt(report['mean_acc'])} | {fmt(report['fwIoU'])} |",
         "",
         "## Per class (%; `-` = skipped by the absent-class rule)",
         "",
         "| class | IoU | acc |",
         "|---|---:|---:|",
     ]
-    lines += [f"| {c} | {_fmt(v)} | {_fmt(report['per_class_acc'][c])} |" for c, v in report["per_class"].items()]
+    lines += [f"| {c} | {fmt(v)} | {fmt(report['per_class_acc'][c])} |" for c, v in report["per_class"].items()]
     lines += ["", "## Name mapping", "", "| name | class |", "|---|---|"]
     lines += [f"| {w} | {c if c is not None else '(background / void)'} |" for w, c in report["mapping"].items()]
     if report["missing_predictions"]:
@@ -203,7 +196,7 @@ def save_iou_chart(report: Mapping[str, Any], path: str | Path) -> Path:
     from matplotlib.figure import Figure
 
     scored = sorted(((v, c) for c, v in report["per_class"].items() if v is not None), reverse=True)
-    title = f"{report['dataset']}: per-class IoU, mIoU {_fmt(report['mIoU'])}"
+    title = f"{report['dataset']}: per-class IoU, mIoU {fmt(report['mIoU'])}"
     if len(scored) > MAX_BARS:
         title += f" ({MAX_BARS // 2} best and worst of {len(scored)})"
         scored = scored[: MAX_BARS // 2] + scored[-MAX_BARS // 2 :]
@@ -242,120 +235,3 @@ def log_tensorboard(report: Mapping[str, Any], logdir: str | Path, step: int = 0
         for c, v in report["per_class"].items():
             if v is not None:
                 writer.add_scalar(f"{tag}/iou/{c}", v, step)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="eval.py",
-        description="Score auto-vocabulary segmentation on a benchmark with LAVE-mapped names (mIoU over the dataset).",
-    )
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark (layouts: data/README.md)")
-    p.add_argument("--root", required=True, help="dataset folder")
-    p.add_argument("--split", default="val", help="dataset split (default: val)")
-    p.add_argument(
-        "--predictions",
-        help="folder of infer.py outputs (NAME.png + NAME.json) to score; without it the pipeline runs on the dataset",
-    )
-    p.add_argument(
-        "--save-predictions", help="pipeline mode: where to write predictions (default: <report>_predictions)"
-    )
-    p.add_argument("--skip-existing", action="store_true", help="pipeline mode: keep predictions already written")
-    p.add_argument("--report", default="report.json", help="report JSON path; report.md and report_iou.png beside it")
-    p.add_argument("--limit", type=int, help="score only the first N images")
-    p.add_argument("--absent-rule", choices=ABSENT_RULES, default="mmseg", help="absent-class rule (default: mmseg)")
-    p.add_argument("--missing", choices=MISSING_POLICIES, default="miss", help="missing prediction: miss or error")
-    p.add_argument("--tensorboard", help="also log the scalars to this TensorBoard folder")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_device_args(add_pipeline_args(p))  # --config, --blip, --segmenter, --seed, --device, ...; --devices
-    return add_mapper_args(p)  # --mapper exact|embedding|llm, --mapper-cache, --embedding-*, --llm-*
-
-
-def prediction_dir(args: argparse.Namespace) -> Path:
-    """Pipeline mode's prediction folder: ``--save-predictions``, default ``<report>_predictions/``."""
-    report = Path(args.report)
-    return Path(args.save_predictions or report.with_name(report.stem + "_predictions"))
-
-
-def run_pipeline_mode(args: argparse.Namespace, dataset: SegmentationDataset, config, run: RunManifest) -> Path | None:
-    """Mode (a): run the inference pipeline on the dataset's images, writing infer.py outputs to a folder.
-
-    The folder (``run.out_dir``, see :func:`prediction_dir`) is then scored like ``--predictions``; with
-    ``--skip-existing`` an interrupted run resumes where it stopped; ``--devices`` / ``--num-nodes`` share the images
-    between processes. Returns the folder (None in the helper processes of a multi-device run).
-    """
-    from autoseg.cli.infer import segment_into
-
-    files = [(Path(s.image), Path(s.name)) for s in dataset.samples]
-    entries = segment_into(args, config, files, run, progress=not args.no_progress)
-    if entries is None:
-        return None
-    failed = [e for e in entries if e["status"] != "ok"]
-    if failed:  # scored as missing predictions, and listed in the report
-        print(f"eval.py: {len(failed)} images could not be segmented, e.g. {failed[0].get('reason')}", file=sys.stderr)
-    return run.out_dir
-
-
-def _usage_checks(args: argparse.Namespace, stack: contextlib.ExitStack):
-    """What can be checked before data or models load: numbers, the pipeline config, writable output folders.
-
-    Returns the pipeline config and the entered prediction-folder :class:`RunManifest` (both None with
-    ``--predictions``). Raises ValueError (or ``ModelLoadError``/``OSError``) with a one-line message.
-    """
-    from autoseg.cli.infer import check_run_args, config_from_args, launch_rank
-
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
-    check_run_args(args)
-    prepare_output_dir(Path(args.report).resolve().parent, "report folder")
-    if args.predictions is not None:
-        return None, None
-    config = config_from_args(args)
-    out_dir = prepare_output_dir(prediction_dir(args), "predictions folder")
-    return config, stack.enter_context(RunManifest(out_dir, {"config": to_dict(config)}, rank=launch_rank(args)))
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``eval.py``: 0 ok, 2 usage error, 1 data error (one-line message on stderr)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # argparse: --help (0) or a usage error (2)
-        return int(e.code or 0)
-    with contextlib.ExitStack() as stack:
-        try:
-            config, run = _usage_checks(args, stack)
-        except (ValueError, ModelLoadError, OSError) as e:
-            parser.print_usage(sys.stderr)
-            print(f"eval.py: error: {e}", file=sys.stderr)
-            return 2
-        try:
-            dataset = build_dataset(args.dataset, args.root, split=args.split, limit=args.limit)
-            mapper = mapper_from_args(args)
-            pred_dir = args.predictions
-            if pred_dir is None:
-                pred_dir = run_pipeline_mode(args, dataset, config, run)
-                if pred_dir is None:  # a helper process of a multi-device run: rank 0 scores
-                    return 0
-            report = evaluate_predictions(
-                pred_dir, dataset, mapper, args.absent_rule, args.missing, not args.no_progress, args.mapper
-            )
-            paths = write_reports(report, args.report)
-            if args.tensorboard:
-                log_tensorboard(report, args.tensorboard)
-        except ModelLoadError as e:
-            print(f"eval.py: error: {e}", file=sys.stderr)
-            return 2
-        except (OSError, ValueError, MappingError) as e:  # data, files, or a failed LAVE backend: one line, exit 1
-            print(f"eval.py: error: {e}", file=sys.stderr)
-            return 1
-    n_missing = len(report["missing_predictions"])
-    print(
-        f"{report['dataset']}: mIoU {_fmt(report['mIoU'])}  pixel acc {_fmt(report['pixel_acc'])}  "
-        f"mean acc {_fmt(report['mean_acc'])}  fwIoU {_fmt(report['fwIoU'])}  over {report['n_images']} images "
-        f"({n_missing} without a prediction, scored as unlabelled); report: {paths['json']}"
-    )
-    return 0

@@ -1,11 +1,13 @@
-"""The one auto-vocabulary inference path shared by ``infer.py``, ``eval.py`` and the LightningModules.
+"""The one auto-vocabulary inference path shared by ``infer.py``, ``eval.py``, the page and the LightningModules.
 
 image -> BLIP patch tokens at several scales -> (optional enhancer) -> BBoost cluster map -> captions per cluster
 -> nouns = vocabulary -> open-vocabulary segmenter on that vocabulary -> label map.
 
 Every stage takes the whole batch and batches inside (one encoder call per scale, batched k-means, one padded encoder
 call for all local re-runs, one ``generate`` for all clusters and passes, one spaCy pass); an image's output does not
-depend on the other images of its batch.
+depend on the other images of its batch. Build a pipeline with :func:`autoseg.load` (the one builder, in
+:mod:`autoseg.api`); per-call settings (seed, clustering, captioning, threshold) are arguments, never edits of its
+attributes.
 """
 
 from __future__ import annotations
@@ -13,27 +15,33 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
-from autoseg.config import PipelineConfig
-from autoseg.config_checks import check_runtime, resolve_device
 from autoseg.models.blip import BlipCaptioner, CaptionConfig
-from autoseg.models.enhancer import load_enhancer
-from autoseg.models.segmenters import Segmenter, build_segmenter
+from autoseg.models.segmenters import Segmenter
 from autoseg.outputs import Prediction
-from autoseg.vocab.bboost import BBoost, resize_labels
+from autoseg.utils.images import ImageInput, as_images
+from autoseg.vocab.bboost import BBoost, BBoostConfig, resize_labels
 from autoseg.vocab.nouns import NounExtractor
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+if TYPE_CHECKING:
+    from autoseg.config import PipelineConfig
+
 STAGES = ("encode", "bboost", "cluster_states", "caption", "nouns", "segment")
 
 
 class AutoSegPipeline:
-    """Auto-vocabulary semantic segmentation of a batch of images.
+    """Auto-vocabulary semantic segmentation: ``pipeline(images)`` names the things in each image and segments them.
+
+    Build one with :func:`autoseg.load` (a preset, a YAML, a saved folder or a Hub repo); the constructor takes ready
+    parts.
 
     Args:
         captioner: BLIP encoder + captioner.
@@ -46,6 +54,8 @@ class AutoSegPipeline:
         enhancer: optional module ``(B x N x D tokens, grid) -> B x N x D`` applied before clustering.
         seed: seed of k-means and caption sampling.
         max_names: keep at most this many names per image, those of the largest clusters (None: all).
+        batch_size: images processed together by :meth:`__call__`.
+        config: the settings it was built from (what :meth:`save_pretrained` writes; None: assembled by hand).
 
     Attributes:
         last_stage_seconds: seconds per stage (:data:`STAGES`) of the last batch.
@@ -64,6 +74,8 @@ class AutoSegPipeline:
         enhancer: nn.Module | None = None,
         seed: int = 0,
         max_names: int | None = None,
+        batch_size: int = 4,
+        config: PipelineConfig | None = None,
     ):
         if not scales:
             raise ValueError("need at least one scale")
@@ -72,6 +84,8 @@ class AutoSegPipeline:
             raise ValueError(f"caption_scale {caption_scale} must be one of the scales {list(scales)}")
         if max_names is not None and max_names < 1:
             raise ValueError(f"max_names must be >= 1 or None, got {max_names}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.captioner = captioner
         self.segmenter = segmenter
         self.bboost = bboost
@@ -82,27 +96,101 @@ class AutoSegPipeline:
         self.enhancer = enhancer.eval() if enhancer is not None else None
         self.seed = seed
         self.max_names = max_names
+        self.batch_size = batch_size
+        self.config = config
         self.last_stage_seconds: dict[str, float] = {}
         self.stage_seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
 
-    @classmethod
-    def from_config(cls, config: PipelineConfig, enhancer: nn.Module | None = None) -> AutoSegPipeline:
-        """Build every part from a ``PipelineConfig`` (loads weights; no network when given local directories)."""
-        check_runtime(config)  # types, ranges, device, dtype, patch sizes: one clear error before any weights load
-        device, dtype = resolve_device(config.device), DTYPES[config.dtype]
-        return cls(
-            captioner=BlipCaptioner.from_pretrained(config.blip, device=device, dtype=dtype, compile=config.compile),
-            segmenter=build_segmenter(config.segmenter, device=device, dtype=dtype),
-            bboost=BBoost(config.bboost),
-            nouns=NounExtractor(config.nouns),
-            caption=config.caption,
-            scales=config.scales,
-            caption_scale=config.caption_scale,
-            enhancer=enhancer.to(device) if enhancer is not None else None,
-            seed=config.seed,
-            max_names=config.max_names,
-        )
+    # ------------------------------------------------------------------ the public API
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        vocabulary: Sequence[str] | Sequence[Sequence[str]] | None = None,
+        seed: int | None = None,
+        threshold: float | None = None,
+        progress: bool | None = None,
+    ) -> Prediction | list[Prediction]:
+        """Vocabulary and label map of each image, at the image's own size.
 
+        Args:
+            images: one image or a list: PIL images, file paths, or ``H x W x 3`` / ``H x W`` uint8 arrays.
+            vocabulary: skip the vocabulary stage and segment with these names (one list for every image, or one
+                list per image): open-vocabulary segmentation.
+            seed: this call's seed instead of the pipeline's.
+            threshold: this call's segmenter threshold (semantic modes) instead of the configured one.
+            progress: show a progress bar (None: when there is more than one batch).
+
+        Returns:
+            a :class:`Prediction` for one image, else a list in input order.
+        """
+        batch, single = as_images(images)
+        vocabularies = _per_image(vocabulary, len(batch))
+        steps = range(0, len(batch), self.batch_size)
+        show = len(steps) > 1 if progress is None else progress
+        preds: list[Prediction] = []
+        for start in tqdm(steps, desc="segmenting", unit="batch", disable=not show):
+            part = batch[start : start + self.batch_size]
+            if vocabularies is None:
+                preds += self.predict(part, seed=seed, threshold=threshold)
+            else:
+                preds += self.segment(part, vocabularies[start : start + self.batch_size], threshold=threshold)
+        return preds[0] if single else preds
+
+    def predict(
+        self,
+        images: Sequence[Image.Image],
+        seed: int | None = None,
+        bboost: BBoostConfig | None = None,
+        caption: CaptionConfig | None = None,
+        threshold: float | None = None,
+    ) -> list[Prediction]:
+        """One batch of RGB images through every stage (what the run loop calls).
+
+        Args:
+            seed, bboost, caption, threshold: this call's settings instead of the pipeline's (None: its own).
+        """
+        preds = self.vocabulary(images, seed=seed, bboost=bboost, caption=caption)
+        with self.timed("segment"):
+            label_maps = self.segmenter.segment(images, [p.vocabulary for p in preds], threshold=threshold)
+        for p, lm in zip(preds, label_maps, strict=True):
+            p.label_map = lm
+        return preds
+
+    def segment(
+        self,
+        images: Sequence[Image.Image],
+        vocabularies: Sequence[Sequence[str]],
+        threshold: float | None = None,
+    ) -> list[Prediction]:
+        """The segmenter alone on given names (no clustering, no captions): one :class:`Prediction` per image."""
+        with self.timed("segment"):
+            return segment_with(self.segmenter, images, vocabularies, threshold)
+
+    @property
+    def takes_threshold(self) -> bool:
+        """Whether the segmenter's mode has an unlabelled threshold (the ``threshold`` argument)."""
+        from autoseg.models.segmenters import BACKENDS, segmenter_mode
+
+        if self.config is None:
+            return getattr(self.segmenter, "threshold", None) is not None
+        backend = BACKENDS[self.config.segmenter.name]
+        return segmenter_mode(self.config.segmenter) in backend.threshold_modes
+
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write one self-contained folder (``pipeline.yaml`` + every model) that :func:`autoseg.load` reads back
+        (see :func:`autoseg.api.save_pipeline`)."""
+        from autoseg.api import save_pipeline
+
+        return save_pipeline(self, folder, overwrite)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload the saved folder to a Hugging Face model repo (see :func:`autoseg.api.push_pipeline`)."""
+        from autoseg.api import push_pipeline
+
+        return push_pipeline(self, repo_id, **kwargs)
+
+    # ------------------------------------------------------------------ the stages
     @contextlib.contextmanager
     def timed(self, stage: str) -> Iterator[None]:
         """Add the wall time of the block to ``stage`` (waits for the GPU, so the time is the stage's own)."""
@@ -118,8 +206,22 @@ class AutoSegPipeline:
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     @torch.inference_mode()
-    def vocabulary(self, images: Sequence[Image.Image]) -> list[Prediction]:
-        """Cluster, caption and extract nouns; returns predictions without label maps (``label_map`` is empty)."""
+    def vocabulary(
+        self,
+        images: Sequence[Image.Image],
+        seed: int | None = None,
+        bboost: BBoostConfig | None = None,
+        caption: CaptionConfig | None = None,
+    ) -> list[Prediction]:
+        """Cluster, caption and extract nouns; predictions without label maps (``label_map`` is empty).
+
+        Args:
+            images: RGB images.
+            seed, bboost, caption: this call's settings instead of the pipeline's (None: its own).
+        """
+        seed = self.seed if seed is None else seed
+        grouping = self.bboost if bboost is None else BBoost(bboost)
+        caption = self.caption_config if caption is None else caption
         self.last_stage_seconds = {}
         with self.timed("encode"):
             tokens = self.captioner.encode(images, self.scales)
@@ -128,16 +230,16 @@ class AutoSegPipeline:
                 patches = [self.enhancer(p, t.grid) for p, t in zip(patches, tokens, strict=True)]
         cap_tokens = tokens[self.caption_index]
         with self.timed("bboost"):
-            cluster_maps = self.bboost.batch(patches, [t.grid for t in tokens], seed=self.seed)  # per image H x W
+            cluster_maps = grouping.batch(patches, [t.grid for t in tokens], seed=seed)  # per image H x W
             cap_maps = [caption_clusters(m, cap_tokens.grid) for m in cluster_maps]
         with self.timed("cluster_states"):
             # captions read BLIP's own tokens: the enhancer only regroups patches, the captioner never saw its output
-            states = self.captioner.batch_cluster_states(cap_tokens, cap_maps, self.caption_config.mode)
+            states = self.captioner.batch_cluster_states(cap_tokens, cap_maps, caption.mode)
         with self.timed("caption"):
             flat = self.captioner.caption(
                 [s for per_image in states for s in per_image],
-                self.caption_config,
-                seed=self.seed,
+                caption,
+                seed=seed,
                 keys=[k for per_image in states for k in range(len(per_image))],  # a cluster's key: its index
             )
             captions = regroup(flat, [len(per_image) for per_image in states])  # per image, per cluster
@@ -147,15 +249,21 @@ class AutoSegPipeline:
                 [caps[k] for order, caps in zip(orders, captions, strict=True) for k in order]
             )
             nouns = regroup(flat, [len(order) for order in orders])  # per image, per cluster in that order
-        parts = zip(cap_maps, captions, orders, nouns, strict=True)
-        return [self.prediction(cap_map, caps, order, found) for cap_map, caps, order, found in parts]
+        parts = zip(images, cap_maps, captions, orders, nouns, strict=True)
+        return [self.prediction(image, cap_map, caps, order, found) for image, cap_map, caps, order, found in parts]
 
     def prediction(
-        self, cap_map: torch.Tensor, captions: list[list[str]], order: list[int], nouns: list[list[list[str]]]
+        self,
+        image: Image.Image,
+        cap_map: torch.Tensor,
+        captions: list[list[str]],
+        order: list[int],
+        nouns: list[list[list[str]]],
     ) -> Prediction:
         """One image's prediction without its label map.
 
         Args:
+            image: the image.
             cap_map: ``h x w`` clusters on the captioning grid.
             captions: per cluster, its captions.
             order: cluster ids, biggest first.
@@ -171,28 +279,38 @@ class AutoSegPipeline:
             extra={
                 "cluster_nouns": {str(k): sorted({n for c in per_cluster[k] for n in c}) for k in sorted(per_cluster)}
             },
+            image=image,
         )
 
-    def __call__(self, images: Sequence[Image.Image]) -> list[Prediction]:
-        """Vocabulary and label map for each image (label maps at the images' own sizes)."""
-        preds = self.vocabulary(images)
-        with self.timed("segment"):
-            label_maps = self.segmenter.segment(images, [p.vocabulary for p in preds])
-        for p, lm in zip(preds, label_maps, strict=True):
-            p.label_map = lm
-        return preds
+
+def segment_with(
+    segmenter: Segmenter,
+    images: Sequence[Image.Image],
+    vocabularies: Sequence[Sequence[str]],
+    threshold: float | None = None,
+) -> list[Prediction]:
+    """The segment stage on given names: one :class:`Prediction` per image (shared by the pipeline and
+    :class:`autoseg.lit.SegmenterModule`'s ``predict_step``)."""
+    label_maps = segmenter.segment(images, vocabularies, threshold=threshold)
+    return [
+        Prediction(vocabulary=list(v), label_map=lm, image=im)
+        for im, v, lm in zip(images, vocabularies, label_maps, strict=True)
+    ]
 
 
-def build_pipeline(config: PipelineConfig) -> AutoSegPipeline:
-    """Every model of ``config`` loaded, the enhancer (``config.enhancer``) included, checked against BLIP's width."""
-    enhancer = load_enhancer(config.enhancer) if config.enhancer else None
-    pipeline = AutoSegPipeline.from_config(config, enhancer=enhancer)
-    if enhancer is not None and enhancer.dim != pipeline.captioner.hidden_size:
+def _per_image(vocabulary: Sequence[str] | Sequence[Sequence[str]] | None, n: int) -> list[list[str]] | None:
+    """``vocabulary`` as one list of names per image (a flat list of names is every image's)."""
+    if vocabulary is None:
+        return None
+    if isinstance(vocabulary, str):
+        raise ValueError(f"vocabulary must be a list of names, got the string {vocabulary!r}")
+    if all(isinstance(v, str) for v in vocabulary):
+        return [list(vocabulary) for _ in range(n)]
+    if len(vocabulary) != n or not all(isinstance(v, Sequence) and not isinstance(v, str) for v in vocabulary):
         raise ValueError(
-            f"enhancer {config.enhancer} was trained on {enhancer.dim}-d BLIP tokens but BLIP {config.blip} has "
-            f"{pipeline.captioner.hidden_size}-d tokens; use the BLIP it was trained with"
+            f"vocabulary: expected a list of names, or one list of names per image ({n}), got {vocabulary}"
         )
-    return pipeline
+    return [list(v) for v in vocabulary]
 
 
 def caption_clusters(cluster_map: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

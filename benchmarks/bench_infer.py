@@ -59,6 +59,7 @@ from transformers import (  # noqa: E402
     ViTImageProcessor,
 )
 
+from autoseg.api import build_pipeline  # noqa: E402
 from autoseg.config import PipelineConfig  # noqa: E402
 from autoseg.models.blip_decoding import HF_DEFAULT_TOP_K, GumbelSampler, row_seed  # noqa: E402
 from autoseg.models.scratch import (  # noqa: E402
@@ -271,7 +272,7 @@ def encoder_floor(pipe: AutoSegPipeline, images: list[Image.Image], batch_size: 
 def run_ours(pipe: AutoSegPipeline, images: list[Image.Image], batch_size: int):
     out = []
     for start in range(0, len(images), batch_size):
-        out += pipe(images[start : start + batch_size])
+        out += pipe.predict(images[start : start + batch_size])
     return [(p.vocabulary, p.label_map) for p in out]
 
 
@@ -303,7 +304,7 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             max_names=args.max_names,
         )
-        pipe = AutoSegPipeline.from_config(config)
+        pipe = build_pipeline(config)
     run_ours(pipe, images[:1], 1)  # warm-up: first-call allocations and lazy loads (spaCy) outside the timing
     naive_image(pipe, images[0])
 

@@ -43,7 +43,7 @@ def main() -> int:
     if tool == "infer":
         from autoseg.cli.infer import main as run
     else:
-        from autoseg.evaluate import main as run
+        from autoseg.cli.eval import main as run
     code = run(argv)
     print(f"steps: {steps}")
     return code

@@ -47,7 +47,7 @@ def temporary_files_in_tmp_path(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """``(config, pipeline)`` of the demo preset, loaded once."""
-    from autoseg.cli.infer import build_pipeline
+    from autoseg.api import build_pipeline
 
     config = load_config(preset="demo")
     return config, build_pipeline(config)
@@ -116,7 +116,9 @@ def test_settings_parse_apply_and_vocabulary_key():
         Settings.parse(0, 2.5, 5, 2, 0)
     with pytest.raises(ValueError, match="'seed' is empty"):
         Settings.parse(None, 2, 5, 2, 0)
-    with pytest.raises(ConfigError, match=r"page settings: bboost.k_max: expected an integer >= k_min \(5\), got 2"):
+    with pytest.raises(
+        ConfigError, match=r"page settings: bboost.k_max: expected an integer in \[k_min \(5\), 64\], got 2"
+    ):
         Settings(0, 5, 2, 2, 0.0).apply(config)
     with pytest.raises(ConfigError, match="segmenter.threshold"):
         Settings(0, 2, 5, 2, 1.5).apply(config)
@@ -237,9 +239,9 @@ def test_vocabulary_stage_is_cached_per_image_and_settings(backend, monkeypatch)
     calls = []
     real = type(backend.pipeline).vocabulary
 
-    def counting(self, images):
-        calls.append(self.seed)
-        return real(self, images)
+    def counting(self, images, seed=None, **settings):
+        calls.append(seed)
+        return real(self, images, seed=seed, **settings)
 
     monkeypatch.setattr(type(backend.pipeline), "vocabulary", counting)
     image = backend.load(SAMPLE)
@@ -267,7 +269,7 @@ def test_bad_uploads_get_a_clear_message(backend, tmp_path):
 
 
 def test_any_pipeline_works_tiny_random_models(tiny_blip_dir, tiny_clipseg_dir, tmp_path):
-    from autoseg.cli.infer import build_pipeline
+    from autoseg.api import build_pipeline
     from autoseg.data.shapes import ShapesConfig, generate_sample
 
     overrides = {"blip": str(tiny_blip_dir), "segmenter": {"source": str(tiny_clipseg_dir)}}
@@ -339,7 +341,7 @@ def test_handlers_report_problems_in_the_status_box(handlers, tmp_path, monkeypa
     assert skipped(out[:-1]) and out[-1] == "Upload an image or pick a sample first."
     image_choice = handlers.choose_upload(str(SAMPLE))[0]
     out = handlers.run(image_choice, 0, 7, 6, 3, 0.0)
-    assert skipped(out[:-1]) and "bboost.k_max: expected an integer >= k_min (7), got 6" in out[-1]
+    assert skipped(out[:-1]) and "bboost.k_max: expected an integer in [k_min (7), 64], got 6" in out[-1]
     out = handlers.edit("remove", None, "sky", "", 0.0)
     assert skipped(out[:-2]) and skipped(out[-1:]) and out[-2].startswith("Segment an image first")
     result = handlers.run(image_choice, 0, 6, 6, 3, 0.0)[0]
@@ -371,10 +373,10 @@ def test_page_builds_with_queued_model_events(backend):
 
 
 def test_command_line_usage_errors_exit_2_before_models_load(tmp_path, capsys):
-    from autoseg.app.__main__ import describe_source, main
+    from autoseg.cli.app import describe_source, main
 
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
-    assert "missing.yaml: config file not found" in capsys.readouterr().err
+    assert "missing.yaml: no such file or folder, and not a preset" in capsys.readouterr().err
     assert main(["--preset", "nope"]) == 2
     assert "unknown preset 'nope'; available: ['demo']" in capsys.readouterr().err
     assert main(["--max-pixels", "0"]) == 2

@@ -7,7 +7,6 @@ names the file and what was expected.
 
 import functools
 import http.server
-import os
 import pathlib
 import random
 import re

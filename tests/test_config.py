@@ -38,11 +38,13 @@ def test_dot_relative_model_paths_follow_the_yaml(tmp_path):
 
 def test_presets_are_found_by_name(tmp_path, monkeypatch):
     monkeypatch.setattr(cfg, "PRESETS_DIR", tmp_path)
-    (tmp_path / "tiny.yaml").write_text("blip: ./tiny/blip\nseed: 7\n")
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "pipeline.yaml").write_text("blip: ./blip\nseed: 7\n")
+    (tmp_path / "not-a-preset").mkdir()  # a folder without pipeline.yaml
     assert cfg.presets() == ["tiny"]
     c = load_config(preset="tiny")
     assert c.seed == 7 and c.blip == str(tmp_path / "tiny" / "blip")
     with pytest.raises(ValueError, match=r"unknown preset 'demo'; available: \['tiny'\]"):
         load_config(preset="demo")
     with pytest.raises(ValueError, match="either a config file or a preset"):
-        load_config(tmp_path / "tiny.yaml", preset="tiny")
+        load_config(tmp_path / "tiny" / "pipeline.yaml", preset="tiny")

@@ -110,10 +110,10 @@ def test_metadata_holds_the_config_as_json(tmp_path):
 
 def test_exported_head_loads_into_the_pipeline_and_changes_its_clusters(tmp_path, tiny_clipseg_dir):
     """Identity head == no head; a perturbed head (exported and loaded back) changes the cluster maps."""
+    from autoseg.api import build_pipeline
     from autoseg.config import load_config
-    from autoseg.lit.sources import build_blip
     from autoseg.models import scratch
-    from autoseg.pipeline import AutoSegPipeline
+    from autoseg.models.blip import load_blip as build_blip
 
     blip = build_blip("scratch:tiny")  # varied random tokens (see sources._reinit_vision)
     blip_dir = scratch.save(blip.model, blip.processor, tmp_path / "blip")
@@ -125,7 +125,7 @@ def test_exported_head_loads_into_the_pipeline_and_changes_its_clusters(tmp_path
 
     def clusters(enhancer):
         """The pipeline's grouping step (``vocabulary()`` up to BBoost, without the slow captioning)."""
-        pipeline = AutoSegPipeline.from_config(config, enhancer=enhancer)
+        pipeline = build_pipeline(config, enhancer=enhancer)
         tokens = pipeline.captioner.encode(images, pipeline.scales)
         patches = [t.patches if enhancer is None else pipeline.enhancer(t.patches, t.grid) for t in tokens]
         return [pipeline.bboost([p[i] for p in patches], [t.grid for t in tokens]).numpy() for i in range(len(images))]

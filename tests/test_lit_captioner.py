@@ -14,8 +14,8 @@ from autoseg.cli.train import cli_main
 from autoseg.data.datamodules import DataSource, SegmentationDataModule, ShapesWorldSpec
 from autoseg.data.shapes import STUFF_CLASSES, ShapesConfig, generate_sample
 from autoseg.lit import CaptionerModule
-from autoseg.lit.sources import build_blip
 from autoseg.models.blip import BlipCaptioner, CaptionConfig
+from autoseg.models.blip import load_blip as build_blip
 
 CONFIG = ShapesConfig(size=64)
 CLASSES = list(CONFIG.classes)
@@ -261,14 +261,14 @@ def test_datamodule_carries_captions_from_folders_and_shards(tmp_path):
 
 
 def test_scratch_sizes_come_from_the_config():
-    blip = build_blip("scratch:tiny", {"hidden_size": 48, "patch_size": 16, "text_layers": 1})
+    blip = build_blip("scratch:tiny", scratch={"hidden_size": 48, "patch_size": 16, "text_layers": 1})
     vision, text = blip.model.config.vision_config, blip.model.config.text_config
     assert (vision.hidden_size, vision.patch_size, vision.num_hidden_layers) == (48, 16, 2)
     assert (text.hidden_size, text.num_hidden_layers, text.encoder_hidden_size) == (48, 1, 48)
     with pytest.raises(ValueError, match=r"BLIP scratch options \['depth'\] unknown; allowed: .*hidden_size"):
-        build_blip("scratch:tiny", {"depth": 2})
+        build_blip("scratch:tiny", scratch={"depth": 2})
     with pytest.raises(ValueError, match="only apply to 'scratch:NAME' sources"):
-        build_blip("some/dir", {"hidden_size": 48})
+        build_blip("some/dir", scratch={"hidden_size": 48})
     with pytest.raises(ValueError, match="caption_mode 'local' unknown"):
         module(caption_mode="local")
 

@@ -46,8 +46,9 @@ def test_decoder_overfits_one_batch_with_cross_entropy(batch):
 def test_ce_plus_bce_loss_falls(batch):
     torch.manual_seed(0)
     module = SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, templates=ONE_TEMPLATE, loss="ce+bce")
-    losses = fit_steps(module, batch, 60, lr=1e-2)
-    assert losses[-1] < losses[0] / 2, (losses[0], losses[-1])  # measured: 3.13 -> 1.28 (BCE falls slowly)
+    losses = fit_steps(module, batch, 80)
+    late = sum(losses[-10:]) / 10  # the mean of the last steps: single steps are noisy with dropout on
+    assert late < losses[0] / 2, (losses[0], late)  # measured: 3.13 -> 1.25 (BCE falls slowly)
 
 
 def test_loss_ignores_unscored_pixels_and_matches_torch_references():
@@ -221,11 +222,15 @@ def test_sam3_unfreeze_backbone_and_clipseg_only_options():
     module = sam3_module(unfreeze_backbone=True)
     trainable = {n.split(".")[2] for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"vision_encoder", "text_encoder", "text_projection", "detr_encoder", "mask_decoder"}
-    with pytest.raises(ValueError, match="templates and patch_loss_weight are CLIPSeg options"):
+    with pytest.raises(
+        ValueError, match="templates is a setting of the CLIPSeg decoder; backend 'sam3' has no templates"
+    ):
         sam3_module(templates=ONE_TEMPLATE)
-    with pytest.raises(ValueError, match="templates and patch_loss_weight are CLIPSeg options"):
+    with pytest.raises(ValueError, match="patch_loss_weight needs the CLIPSeg vision tower; backend 'sam3' has no"):
         sam3_module(patch_loss_weight=1.0)
-    with pytest.raises(ValueError, match=r"backend 'grounded_sam' cannot be fine-tuned; choose one of \('clipseg'"):
+    with pytest.raises(
+        ValueError, match=r"backend 'grounded_sam' cannot be fine-tuned; choose one of \['clipseg', 'sam3'\]"
+    ):
         SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, backend="grounded_sam")
 
 

@@ -138,7 +138,7 @@ def test_segment_label_is_argmax_of_upsampled_logits(segmenter):
 
 
 def test_threshold_leaves_low_scores_unlabelled(tiny_clipseg_dir):
-    seg = build_segmenter(SegmenterConfig(source=str(tiny_clipseg_dir), image_size=64))
+    seg = build_segmenter(SegmenterConfig(source=str(tiny_clipseg_dir)).with_options(image_size=64))
     images, names = random_images([(30, 30)], seed=4), ["dog", "cat"]
     with torch.inference_mode():
         logits = seg.logits(seg.preprocess(images), names)[0]

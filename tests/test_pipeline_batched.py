@@ -7,7 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from autoseg.cli.infer import build_parser, overrides_from_args
+from autoseg.api import build_pipeline
+from autoseg.cli.common import overrides_from_args
+from autoseg.cli.infer import build_parser
 from autoseg.config import ConfigError, load_config
 from autoseg.models.blip import CaptionConfig
 from autoseg.models.blip_decoding import MIN_BUCKET, GumbelSampler, bucket_length
@@ -41,7 +43,7 @@ def build(config, **changes) -> AutoSegPipeline:
     """The pipeline of ``config`` with top-level fields changed (``caption`` given as a dict of its fields)."""
     if "caption" in changes:
         changes["caption"] = dataclasses.replace(config.caption, **changes["caption"])
-    return AutoSegPipeline.from_config(dataclasses.replace(config, **changes))
+    return build_pipeline(dataclasses.replace(config, **changes))
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +166,7 @@ def test_one_encoder_call_for_local_reruns_and_one_generate_per_batch(sampling, 
         "generate",
         lambda *a, **k: generate_calls.append(k["input_ids"].shape) or generate(*a, **k),
     )
-    preds = sampling(images)
+    preds = sampling.predict(images)  # one batch
     n_clusters = sum(len(p.captions) for p in preds)
     assert len(encoder_calls) == len(sampling.scales) + 1  # one per scale, one for every local re-run of the batch
     assert generate_calls and len(generate_calls) == 1

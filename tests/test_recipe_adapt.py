@@ -8,8 +8,9 @@ import torch
 import yaml
 from PIL import Image
 
-from autoseg.lit.sources import build_blip, grow_blip_vocabulary, missing_words
+from autoseg.lit.sources import grow_blip_vocabulary, missing_words
 from autoseg.models.blip import BlipCaptioner
+from autoseg.models.blip import load_blip as build_blip
 from autoseg.models.scratch import make_blip
 from autoseg.recipes import adapt, adapt_data
 
@@ -127,7 +128,7 @@ def test_prepare_data_view_captions_replay_and_weights(tmp_path):
 
 def test_stage_configs_fill_in_sources_budgets_and_logger(tmp_path):
     path, settings = adapt.starting_pipeline("demo")
-    assert path.name == "demo.yaml"
+    assert path.name == "pipeline.yaml" and path.parent.name == "demo"
     settings["caption_scale"] = adapt.pick_caption_scale(settings, None)  # 192: the template's image_size
     data = {"classes": ["a", "b"], "class_weights": [1.0, 2.5], "feature_weights": [1.0, 5.0]}
     configs = adapt.stage_configs(tmp_path, settings, data, minutes=10, scale=0.5)

@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from autoseg import outputs
+from autoseg.cli.eval import main as eval_main
 from autoseg.cli.infer import main as infer_main
 from autoseg.data.datasets import build_dataset
-from autoseg.evaluate import main as eval_main
 from autoseg.outputs import RunManifest, prediction_complete, read_status_lines
 from autoseg.utils.io import load_image
 
@@ -189,7 +189,7 @@ def test_unusable_output_folder_is_a_usage_error_before_models_load(
     def no_loading(config):
         raise AssertionError("models loaded before the output folder was checked")
 
-    monkeypatch.setattr("autoseg.cli.infer.build_pipeline", no_loading)
+    monkeypatch.setattr("autoseg.api.build_pipeline", no_loading)
     make_photos(tmp_path / "in", 1)
     (tmp_path / "file").write_text("x")
     for out in (tmp_path / "file", tmp_path / "file" / "sub"):

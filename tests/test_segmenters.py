@@ -7,8 +7,7 @@ from PIL import Image
 
 from autoseg.config import ConfigError, load_config
 from autoseg.models.segmenters import (
-    DEFAULT_SOURCES,
-    SEGMENTERS,
+    BACKENDS,
     CLIPSegSegmenter,
     SegmenterConfig,
     build_segmenter,
@@ -160,7 +159,7 @@ def test_clipseg_all_empty_vocabularies_give_unlabelled_maps_without_running_the
 
 # ------------------------------------------------------------------------------------------- registry and config
 def test_every_backend_has_a_default_model_and_unknown_names_list_them():
-    assert list(SEGMENTERS) == ["clipseg", "sam3", "grounded_sam"] and set(DEFAULT_SOURCES) == set(SEGMENTERS)
+    assert list(BACKENDS) == ["clipseg", "sam3", "grounded_sam"] and all(b.default_source for b in BACKENDS.values())
     assert segmenter_source(SegmenterConfig(name="sam3")) == "facebook/sam3"
     assert segmenter_source(SegmenterConfig(name="sam3", source="my/sam3")) == "my/sam3"
     with pytest.raises(ValueError, match=r"unknown segmenter 'sam9'; available: \['clipseg', 'sam3', 'grounded_sam'\]"):
@@ -178,12 +177,19 @@ def test_every_backend_has_a_default_model_and_unknown_names_list_them():
             r"segmenter.mode: expected one of \['instances'\] for segmenter",
         ),
         ({"name": "sam3", "mode": "panoptic"}, r"segmenter.mode: expected one of \['semantic', 'instances'\]"),
-        ({"score_threshold": 1.5}, r"segmenter.score_threshold: expected a number in \[0, 1\], got 1.5"),
-        ({"box_threshold": -0.1}, r"segmenter.box_threshold: expected a number in \[0, 1\]"),
-        ({"text_threshold": "high"}, r"segmenter.text_threshold: expected a number in \[0, 1\], got 'high'"),
+        ({"name": "sam3", "score_threshold": 1.5}, r"segmenter.score_threshold: expected a number in \[0, 1\]"),
+        ({"name": "grounded_sam", "box_threshold": -0.1}, r"segmenter.box_threshold: expected a number in \[0, 1\]"),
+        (
+            {"name": "grounded_sam", "text_threshold": "high"},
+            r"segmenter.text_threshold: expected a number in \[0, 1\], got 'high'",
+        ),
+        ({"box_threshold": 0.3}, r"segmenter.box_threshold: unknown key; allowed in segmenter: \[.*'templates'"),
         ({"max_instances": 0}, r"segmenter.max_instances: expected an integer >= 1, got 0"),
         ({"pair_chunk": 0}, r"segmenter.pair_chunk: expected an integer >= 1, got 0"),
-        ({"sam_source": ""}, r"segmenter.sam_source: expected a string \(not empty\) or null, got ''"),
+        (
+            {"name": "grounded_sam", "sam_source": ""},
+            r"segmenter.sam_source: expected a string \(not empty\) or null, got ''",
+        ),
         ({"source": 3}, r"segmenter.source: expected null \(the backend's default model\) or a string"),
     ],
 )
@@ -195,7 +201,7 @@ def test_bad_segmenter_settings_name_the_key(segmenter, message):
 @pytest.mark.parametrize("name", ["sam3", "grounded_sam"])
 def test_shipped_presets_choose_their_backend(name):
     config = load_config(f"configs/pipeline/{name}.yaml")
-    assert config.segmenter.name == name and segmenter_source(config.segmenter) == DEFAULT_SOURCES[name]
+    assert config.segmenter.name == name and segmenter_source(config.segmenter) == BACKENDS[name].default_source
 
 
 @pytest.mark.parametrize("eos_is_two", [False, True])

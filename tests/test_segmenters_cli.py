@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from autoseg.cli.eval import main as eval_main
 from autoseg.cli.infer import main as infer_main
 from autoseg.cli.train import cli_main
-from autoseg.evaluate import main as eval_main
 from autoseg.models import scratch
 
 DEBUG_PIPELINE = "configs/debug/pipeline.yaml"

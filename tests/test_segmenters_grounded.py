@@ -8,6 +8,7 @@ from PIL import Image
 from autoseg.models import scratch
 from autoseg.models.segmenters import GroundedSamSegmenter, SegmenterConfig, build_segmenter
 from autoseg.models.segmenters.grounded_sam import grounded_sources, name_tokens, prompt_groups
+from autoseg.utils.settings import from_dict
 
 
 def random_images(sizes, seed=0):
@@ -25,7 +26,7 @@ def gsam_dir(tmp_path_factory):
 
 def load(source, **kwargs) -> GroundedSamSegmenter:
     kwargs = {"box_threshold": 0.2, "text_threshold": 0.1, **kwargs}
-    return build_segmenter(SegmenterConfig(name="grounded_sam", source=str(source), **kwargs))
+    return build_segmenter(from_dict(SegmenterConfig, {"name": "grounded_sam", "source": str(source), **kwargs}))
 
 
 def test_sources_of_a_combined_folder_and_of_an_id(gsam_dir, tmp_path):

@@ -8,6 +8,7 @@ from transformers import Sam3LiteTextModel, Sam3Model
 
 from autoseg.models import scratch
 from autoseg.models.segmenters import Sam3Segmenter, SegmenterConfig, build_segmenter, labels_from_logits
+from autoseg.utils.settings import from_dict
 
 WORDS = ["dog", "cat", "sky", "grass", "tree"]
 
@@ -30,7 +31,7 @@ def lite_dir(tmp_path_factory):
 
 
 def load(source, **kwargs) -> Sam3Segmenter:
-    return build_segmenter(SegmenterConfig(name="sam3", source=str(source), **kwargs))
+    return build_segmenter(from_dict(SegmenterConfig, {"name": "sam3", "source": str(source), **kwargs}))
 
 
 def stock(seg: Sam3Segmenter, image: Image.Image, name: str):

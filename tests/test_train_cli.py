@@ -188,16 +188,40 @@ def test_full_configs_parse(kind, capsys):
     assert f"class_path: autoseg.lit.{kind.capitalize()}Module" in printed and "precision: bf16-mixed" in printed
 
 
-def test_prediction_writer_handles_items_without_a_file(tmp_path):
-    """Shard samples have no image path: the overlay is drawn on the model input resized to the original size."""
-    from autoseg.lit.callbacks import PredictionWriter
+def test_prediction_writer_commits_through_the_one_writer_and_resumes(tmp_path):
+    """Shard samples have no image path: the pipeline gets the model input resized to the original size. Outputs are
+    committed with status lines and a manifest; with skip_existing, complete outputs are not predicted again."""
+    import json
+    from types import SimpleNamespace
 
+    from autoseg.lit.base import original_image
+    from autoseg.lit.callbacks import PredictionWriter
+    from autoseg.outputs import Prediction
+
+    batch = {
+        "image": torch.rand(1, 3, 16, 16),
+        "orig_size": torch.tensor([[30, 40]]),
+        "name": ["shard/key"],
+        "path": [""],
+    }
+    image = original_image(batch, 0)
+    assert image.size == (40, 30)
     label_map = np.zeros((30, 40), np.int32)
     label_map[:, 20:] = 2
-    prediction = [{"name": "shard/key", "path": "", "label_map": label_map, "vocabulary": ["sky", "star"]}]
-    batch = {"image": torch.rand(1, 3, 16, 16), "orig_size": torch.tensor([[30, 40]])}
-    PredictionWriter(str(tmp_path)).write_on_batch_end(None, None, prediction, None, batch, 0)
-    got, vocabulary = read_prediction(tmp_path, "shard/key")
-    assert vocabulary == ["sky", "star"]
-    np.testing.assert_array_equal(got, label_map)
+    trainer = SimpleNamespace(global_rank=0, is_global_zero=True, strategy=SimpleNamespace(barrier=lambda *a: None))
+    module = SimpleNamespace(trainer=SimpleNamespace(callbacks=[]))
+    for skip, prediction in ((False, Prediction(["sky", "star"], label_map, image=image)), (True, None)):
+        writer = PredictionWriter(str(tmp_path), skip_existing=skip)
+        assert writer.is_done("shard/key") is skip  # the first run wrote it; only a skip_existing run keeps it
+        writer.on_predict_start(trainer, module)
+        writer.write_on_batch_end(trainer, module, [prediction], None, batch, 0)
+        writer.on_predict_end(trainer, module)
+        got, vocabulary = read_prediction(tmp_path, "shard/key")
+        assert vocabulary == ["sky", "star"]
+        np.testing.assert_array_equal(got, label_map)
+        manifest = json.loads((tmp_path / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["module"] == "SimpleNamespace"
+        assert [(e["output"], e["status"], e.get("skipped", False)) for e in manifest["inputs"]] == [
+            ("shard/key", "ok", skip)
+        ]
     assert (tmp_path / "shard" / "key_overlay.jpg").is_file()

@@ -1,16 +1,14 @@
 """What the demo page does, without the page: read an upload, run the pipeline with the page's settings, edit the
 vocabulary and re-segment, and write the files ``infer.py`` writes. Gradio-free, so tests call it directly.
 
-The page uses the public pipeline API only: ``pipeline.vocabulary(images)`` (clusters, captions, nouns) and
-``pipeline.segmenter.segment(images, vocabularies)``. Per request it works on shallow copies of the pipeline and the
-segmenter that carry that request's light settings (a new ``BBoost``, caption config, seed, threshold) and share the
-loaded models, so no request changes what another one sees. A vocabulary edit runs the segmenter alone.
+The page uses the public pipeline API only: ``pipeline.vocabulary(images, seed=, bboost=, caption=)`` (clusters,
+captions, nouns) and ``pipeline.segment(images, vocabularies, threshold=)``; a request's settings are arguments of
+those calls, so no request changes what another one sees. A vocabulary edit runs the segmenter alone.
 """
 
 from __future__ import annotations
 
 import atexit
-import copy
 import dataclasses
 import hashlib
 import re
@@ -29,7 +27,6 @@ from PIL import Image
 from autoseg.config import PipelineConfig, validate_config
 from autoseg.outputs import Prediction, palette, prediction_files, write_prediction
 from autoseg.utils.io import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageReadError, load_image
-from autoseg.vocab.bboost import BBoost
 
 # data/samples/shapes/shapesworld.json: the bundled samples are ShapesWorld seed 90001, samples 0..5 (128 px)
 REPO_SAMPLES = Path(__file__).resolve().parents[2] / "data" / "samples" / "shapes" / "images"
@@ -203,8 +200,8 @@ class DemoBackend:
     """The loaded pipeline and what the page asks of it.
 
     Args:
-        pipeline: an ``AutoSegPipeline`` (built once; its models are shared by all requests).
-        config: the config it was built from (the page's settings are applied on top of it).
+        pipeline: an ``AutoSegPipeline`` (built once with :func:`autoseg.load`; shared by all requests).
+        config: the settings the page starts from (default: the pipeline's own).
         max_pixels: largest upload accepted, in pixels (``load_image``'s limit).
         out_root: folder for the per-request download folders (None: a temporary folder removed by :meth:`close`).
         cache_size: vocabulary-stage results kept, keyed by image content and settings (captioning is the slow part).
@@ -214,18 +211,17 @@ class DemoBackend:
     def __init__(
         self,
         pipeline,
-        config: PipelineConfig,
+        config: PipelineConfig | None = None,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         out_root: str | Path | None = None,
         cache_size: int = 32,
         keep_files_s: float = 3600.0,
     ):
         self.pipeline = pipeline
-        self.config = config
+        self.config = config if config is not None else pipeline.config
         self.max_pixels = max_pixels
-        self.defaults = Settings.from_config(config)
-        # the segmenter threshold is a setting of the per-name backends (CLIPSeg); others (Grounded-SAM) have none
-        self.has_threshold = hasattr(pipeline.segmenter, "threshold")
+        self.defaults = Settings.from_config(self.config)
+        self.has_threshold = pipeline.takes_threshold  # semantic modes; instance backends (Grounded-SAM) have none
         self._own_root = out_root is None
         self.out_root = Path(tempfile.mkdtemp(prefix="autoseg_app_")) if out_root is None else Path(out_root)
         self.out_root.mkdir(parents=True, exist_ok=True)
@@ -259,10 +255,10 @@ class DemoBackend:
         with self._lock:
             found = self._cache.get(key)
             if found is None:
-                view = copy.copy(self.pipeline)  # shares the models; its light settings are this request's own
-                view.bboost, view.caption_config, view.seed = BBoost(config.bboost), config.caption, config.seed
                 t0 = time.perf_counter()
-                found = view.vocabulary([image])[0]
+                found = self.pipeline.vocabulary(
+                    [image], seed=config.seed, bboost=config.bboost, caption=config.caption
+                )[0]
                 found.extra["seconds_vocabulary"] = round(time.perf_counter() - t0, 3)
                 self._cache[key] = found
                 while len(self._cache) > self._cache_size:
@@ -279,14 +275,11 @@ class DemoBackend:
         """
         settings = result.settings if threshold is None else dataclasses.replace(result.settings, threshold=threshold)
         settings.apply(self.config)  # checks the threshold
-        segmenter = self.pipeline.segmenter
-        if self.has_threshold and segmenter.threshold != settings.threshold:
-            segmenter = copy.copy(segmenter)  # shares the weights; only this copy has the request's threshold
-            segmenter.threshold = settings.threshold
         vocabulary = list(vocabulary)
         with self._lock:
             t0 = time.perf_counter()
-            label_map = segmenter.segment([result.image], [vocabulary])[0]
+            threshold = settings.threshold if self.has_threshold else None
+            label_map = self.pipeline.segment([result.image], [vocabulary], threshold=threshold)[0].label_map
             seconds = time.perf_counter() - t0
         found = result.found
         extra = {**found.extra, "seconds_segmenter": round(seconds, 3), "settings": dataclasses.asdict(settings)}

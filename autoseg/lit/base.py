@@ -15,14 +15,15 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from PIL import Image
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from autoseg.data.datamodules import derive_seed, run_seed
 from autoseg.lit.checkpoints import load_checkpoint, open_checkpoint
-from autoseg.outputs import palette
-from autoseg.utils.io import atomic_write_json
+from autoseg.outputs import Prediction, palette
+from autoseg.utils.io import atomic_write_json, load_image
 
 SCHEDULERS = ("cosine", "constant")
 FROZEN_KEY = "autoseg_frozen_prefixes"
@@ -166,6 +167,22 @@ class AutoSegModule(L.LightningModule):
                 if key.startswith(prefixes) and key not in sd:
                     sd[key] = value
 
+    # ------------------------------------------------------------------ predict
+    def predict_todo(self, batch: dict[str, Any]) -> list[int]:
+        """The batch items to predict: all, but those whose outputs a ``PredictionWriter(skip_existing=True)``
+        already holds."""
+        writers = [c for c in self.trainer.callbacks if hasattr(c, "is_done")] if self._trainer is not None else []
+        return [b for b in range(len(batch["name"])) if not any(w.is_done(batch["name"][b]) for w in writers)]
+
+    def predict_with(self, batch: dict[str, Any], predict) -> list[Prediction | None]:
+        """``predict(images)`` on the batch's original images; one :class:`Prediction` per item (None: skipped)."""
+        todo = self.predict_todo(batch)
+        preds = predict([original_image(batch, b) for b in todo]) if todo else []
+        out: list[Prediction | None] = [None] * len(batch["name"])
+        for b, pred in zip(todo, preds, strict=True):
+            out[b] = pred
+        return out
+
     # ------------------------------------------------------------------ images for TensorBoard
     def log_overlays(self, tag: str, rows: Sequence[Sequence[np.ndarray]]) -> None:
         """Log one image per row: its panels (``H x W x 3`` uint8) side by side. Only with a TensorBoard logger."""
@@ -175,6 +192,16 @@ class AutoSegModule(L.LightningModule):
         for i, panels in enumerate(rows):
             strip = np.concatenate([np.asarray(p) for p in panels], axis=1)  # H x (n W) x 3
             logger.experiment.add_image(f"{tag}/{i}", strip, self.global_step, dataformats="HWC")
+
+
+def original_image(batch: dict[str, Any], b: int) -> Image.Image:
+    """Item ``b`` of a batch as the pipeline takes it: its file, or (shards carry no file) the model's input resized
+    back to the original size."""
+    path = batch.get("path", [""] * (b + 1))[b]
+    if path:
+        return load_image(path)
+    h, w = (int(s) for s in batch["orig_size"][b])
+    return Image.fromarray(to_uint8(batch["image"][b])).resize((w, h), Image.BILINEAR)
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

@@ -30,8 +30,7 @@ from torchmetrics import Metric
 from autoseg.data.datamodules import CAPTIONS
 from autoseg.lit.base import AutoSegModule, normaliser
 from autoseg.lit.grouping import IGNORED, patch_labels
-from autoseg.lit.sources import build_blip
-from autoseg.models.blip import DEFAULT_BLIP, CaptionConfig, ScaleTokens
+from autoseg.models.blip import DEFAULT_BLIP, CaptionConfig, ScaleTokens, load_blip
 from autoseg.vocab.nouns import NounConfig, NounExtractor
 
 TRAIN_CAPTION_MODES = ("global", "concat")
@@ -151,7 +150,7 @@ class CaptionerModule(AutoSegModule):
         unknown = sorted({c for names in (class_groups or {}).values() for c in names} - set(classes))
         if unknown:
             raise ValueError(f"class_groups name classes {unknown} that are not dataset classes {classes}")
-        self.blip = build_blip(blip, scratch)
+        self.blip = load_blip(blip, flag="--model.init_args.blip", scratch=scratch)
         if caption_scale is not None and caption_scale % self.blip.patch_size:
             raise ValueError(
                 f"caption_scale {caption_scale} is not a multiple of BLIP's patch size {self.blip.patch_size}"

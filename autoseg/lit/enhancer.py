@@ -22,10 +22,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from autoseg.lit.base import AutoSegModule, colourise, normaliser, to_uint8
 from autoseg.lit.grouping import IGNORED, match_clusters, patch_labels, supervised_contrastive
-from autoseg.lit.sources import build_blip
 from autoseg.metrics import DatasetIoU
-from autoseg.models.blip import DEFAULT_BLIP
+from autoseg.models.blip import DEFAULT_BLIP, load_blip
 from autoseg.models.enhancer import EmbeddingEnhancer, EnhancerConfig, save_enhancer
+from autoseg.outputs import Prediction
 from autoseg.vocab.bboost import BBoost, BBoostConfig, kmeans
 
 CLUSTER_MODES = ("oracle_k", "bboost")
@@ -58,7 +58,9 @@ class EnhancerModule(AutoSegModule):
         cluster_pos_dim: position-code channels appended before "oracle_k" clustering (0: tokens only).
         kmeans_restarts: k-means restarts ("oracle_k").
         kmeans_iters: k-means iterations ("oracle_k").
-        bboost: ``BBoostConfig`` fields for "bboost" mode and ``predict``.
+        bboost: ``BBoostConfig`` fields for "bboost" mode.
+        predict_pipeline: the pipeline ``predict`` runs this head in (a preset, YAML, saved folder or repo id; its
+            BLIP and enhancer are this module's); None: AutoSeg's default settings.
         num_overlays: validation images logged to TensorBoard (image | ground truth | identity | enhanced).
         seed: k-means seed.
         optimizer: timm optimizer name (``create_optimizer_v2``), e.g. "adamw", "lamb", "sgd".
@@ -90,6 +92,7 @@ class EnhancerModule(AutoSegModule):
         kmeans_restarts: int = 4,
         kmeans_iters: int = 50,
         bboost: dict[str, Any] | None = None,
+        predict_pipeline: str | None = None,
         num_overlays: int = 4,
         seed: int = 0,
         optimizer: str = "adamw",
@@ -106,7 +109,7 @@ class EnhancerModule(AutoSegModule):
             raise ValueError(f"contrast {contrast!r} unknown; choose one of {CONTRAST_MODES}")
         if cluster_mode not in CLUSTER_MODES:
             raise ValueError(f"cluster_mode {cluster_mode!r} unknown; choose one of {CLUSTER_MODES}")
-        self.blip = build_blip(blip)
+        self.blip = load_blip(blip, flag="--model.init_args.blip")
         self.blip.requires_grad_(False)
         self.enhancer = EmbeddingEnhancer(
             EnhancerConfig(
@@ -268,24 +271,18 @@ class EnhancerModule(AutoSegModule):
         self.identity_miou = checkpoint.get(IDENTITY_KEY)
 
     # ------------------------------------------------------------------ predict and export
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """BBoost cluster maps of the enhanced tokens at each image's original size (label ``k + 1`` = cluster k)."""
-        _, enhanced, grid = self(batch["image"])
-        out = []
-        for b in range(enhanced.shape[0]):
-            clusters = self.bboost([enhanced[b]], [grid], seed=self.hparams.seed)
-            size = tuple(int(s) for s in batch["orig_size"][b])
-            up = F.interpolate(clusters[None, None].float(), size=size, mode="nearest")[0, 0].long() + 1
-            n = int(up.max())
-            out.append(
-                {
-                    "name": batch["name"][b],
-                    "path": batch["path"][b],
-                    "label_map": up.cpu().numpy().astype("int32"),
-                    "vocabulary": [f"segment {i}" for i in range(1, n + 1)],
-                }
-            )
-        return out
+    def on_predict_start(self) -> None:
+        """The pipeline ``predict`` runs: ``predict_pipeline``'s settings with this module's BLIP and head."""
+        from autoseg.api import build_pipeline, resolve_config
+
+        overrides = {"blip": self.hparams.blip, "enhancer": None, "device": str(self.device)}
+        source = self.hparams.predict_pipeline
+        config, where = resolve_config(source, overrides, "model.init_args.predict_pipeline")
+        self.pipeline = build_pipeline(config, captioner=self.blip, enhancer=self.enhancer, checked=True, where=where)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Prediction | None]:
+        """The pipeline's predictions with this head (None: outputs already written, see ``PredictionWriter``)."""
+        return self.predict_with(batch, self.pipeline.predict)
 
     def export(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write ``out/enhancer.safetensors`` (``state_dict``: this module's keys, e.g. from a checkpoint)."""

@@ -1,9 +1,9 @@
 """Multi-device prediction: the shared pipeline inside a thin LightningModule, run by ``Trainer.predict`` (DDP).
 
-``infer.py --devices N --num-nodes M`` and ``eval.py`` (pipeline mode) use it. Lightning gives every process its
-share of the inputs (an unrepeated distributed sampler); each process segments its share with the same
-:class:`autoseg.pipeline.AutoSegPipeline` and writes the same per-image files through the one writer,
-:class:`autoseg.outputs.SegmentationWriter`. Rank 0 holds the output folder's lock and writes ``manifest.json``.
+The run loop (:func:`autoseg.run.segment_into`) uses it for ``infer.py --devices N --num-nodes M`` and ``eval.py``.
+Lightning gives every process its share of the inputs (an unrepeated distributed sampler); each process segments its
+share with the same :class:`autoseg.pipeline.AutoSegPipeline` and writes the same per-image files through the one
+writer, :class:`autoseg.outputs.SegmentationWriter`. Rank 0 holds the output folder's lock and writes ``manifest.json``.
 """
 
 from __future__ import annotations
@@ -57,12 +57,12 @@ class PipelinePredictor(L.LightningModule):
         self.writer: SegmentationWriter | None = None
 
     def setup(self, stage: str) -> None:
+        from autoseg.api import build_pipeline
         from autoseg.config import PipelineConfig
-        from autoseg.pipeline import build_pipeline
 
         device = self.trainer.strategy.root_device
         config = from_dict(PipelineConfig, {**self.hparams.config, "device": str(device)}, "pipeline config")
-        self.pipeline = build_pipeline(config)
+        self.pipeline = build_pipeline(config, checked=True)
 
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
         good = []
@@ -71,7 +71,7 @@ class PipelinePredictor(L.LightningModule):
                 self.writer.fail(item["entry"], item["error"])
             else:
                 good.append((item["image"], item["file"], item["stem"], item["entry"]))
-        self.writer(self.pipeline, good)
+        self.writer(self.pipeline.predict, good)
 
     def on_predict_end(self) -> None:
         self.trainer.strategy.barrier("autoseg-predict-end")  # every rank's status lines are written

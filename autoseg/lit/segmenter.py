@@ -17,7 +17,6 @@ changes what they see.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +25,12 @@ import torch.nn.functional as F
 
 from autoseg.lit.base import AutoSegModule, colourise, normaliser, to_uint8
 from autoseg.lit.grouping import IGNORED, patch_labels
-from autoseg.lit.sources import SCRATCH_PREFIX, _check_scratch, _from_scratch, build_clipseg
 from autoseg.metrics import DatasetIoU
-from autoseg.models.segmenters import DEFAULT_SOURCES, DEFAULT_TEMPLATES, PerNameSegmenter, Sam3Segmenter
+from autoseg.models.segmenters import BACKENDS, PerNameSegmenter, SegmenterConfig, build_segmenter
+from autoseg.outputs import Prediction
+from autoseg.pipeline import segment_with
 
 LOSSES = ("ce", "bce", "ce+bce")
-BACKENDS = ("clipseg", "sam3")  # the segmenters with per-name logits
-SCRATCH_SAM3: dict[str, dict] = {
-    "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=37, patch_size=8, image_size=64),
-    "small": dict(hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128, patch_size=8, image_size=128),
-}
-
-
-def build_sam3(source: str, words: Sequence[str] = (), scratch: dict[str, Any] | None = None) -> Sam3Segmenter:
-    """SAM 3 segmenter (semantic mode) from a hub id, a local directory or ``scratch:NAME`` (random, seeded).
-
-    Args:
-        source: where the weights come from.
-        words: for ``scratch:`` sources, words the from-scratch tokenizer keeps whole (the class names).
-        scratch: for ``scratch:`` sources, ``make_sam3`` arguments that override the registered size.
-    """
-    _check_scratch(source, scratch, "SAM 3")
-    if source.startswith(SCRATCH_PREFIX):
-        from autoseg.models.scratch import make_sam3
-
-        return Sam3Segmenter(*_from_scratch(source, SCRATCH_SAM3, "SAM 3", make_sam3, scratch, words=list(words)))
-    return Sam3Segmenter.from_pretrained(source)
 
 
 class SegmenterModule(AutoSegModule):
@@ -120,17 +99,19 @@ class SegmenterModule(AutoSegModule):
                 raise ValueError(f"{name} has {len(values)} values for {len(classes)} classes")
         if patch_loss_weight <= 0 and decoder_loss_weight <= 0:
             raise ValueError("nothing to train: patch_loss_weight and decoder_loss_weight are both 0")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} cannot be fine-tuned; choose one of {BACKENDS} (per-name logits)")
-        if backend != "clipseg" and (templates or patch_loss_weight > 0):
-            raise ValueError(f"templates and patch_loss_weight are CLIPSeg options; backend {backend!r} takes neither")
-        source = segmenter or DEFAULT_SOURCES[backend]
-        self.segmenter: PerNameSegmenter
-        if backend == "sam3":
-            self.segmenter = build_sam3(source, words=classes, scratch=scratch)
-        else:
-            templates = tuple(templates) if templates else DEFAULT_TEMPLATES
-            self.segmenter = build_clipseg(source, words=classes, scratch=scratch, templates=templates)
+        trainable = [name for name, b in BACKENDS.items() if b.trainable]
+        if backend not in trainable:
+            raise ValueError(f"backend {backend!r} cannot be fine-tuned; choose one of {trainable} (per-name logits)")
+        config = SegmenterConfig(name=backend, source=segmenter)
+        if templates:
+            if not hasattr(config.options, "templates"):
+                raise ValueError(f"templates is a setting of the CLIPSeg decoder; backend {backend!r} has no templates")
+            config = config.with_options(templates=tuple(templates))
+        self.segmenter: PerNameSegmenter = build_segmenter(
+            config, words=classes, scratch=scratch, flag="--model.init_args.segmenter"
+        )
+        if patch_loss_weight > 0 and not hasattr(self.segmenter, "vision_states"):
+            raise ValueError(f"patch_loss_weight needs the CLIPSeg vision tower; backend {backend!r} has no patch head")
         self.segmenter.model.requires_grad_(False)
         for part in self.segmenter.head() + (self.segmenter.backbone() if self.unfrozen else []):
             part.requires_grad_(True)
@@ -289,22 +270,11 @@ class SegmenterModule(AutoSegModule):
             self.val_patch_iou.reset()
 
     # ------------------------------------------------------------------ predict and export
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Label maps with the class names as vocabulary (label ``i`` = ``classes[i - 1]``), at original sizes."""
-        logits = self(batch["image"])
-        out = []
-        for b in range(len(logits)):
-            size = tuple(int(s) for s in batch["orig_size"][b])
-            up = F.interpolate(logits[b : b + 1], size=size, mode="bilinear", align_corners=False)[0]
-            out.append(
-                {
-                    "name": batch["name"][b],
-                    "path": batch["path"][b],
-                    "label_map": (up.argmax(0) + 1).cpu().numpy().astype("int32"),
-                    "vocabulary": list(self.hparams.classes),
-                }
-            )
-        return out
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Prediction | None]:
+        """The pipeline's segment stage with the class names as vocabulary (label ``i`` = ``classes[i - 1]``), on
+        the original images (None: outputs already written, see ``PredictionWriter``)."""
+        classes = list(self.hparams.classes)
+        return self.predict_with(batch, lambda images: segment_with(self.segmenter, images, [classes] * len(images)))
 
     def export(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """``save_pretrained`` the model and processor into ``out/segmenter`` (``model.safetensors``).

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -18,9 +20,14 @@ from autoseg.models.blip_decoding import (
     install_shared_cross_attention,
     row_seed,
 )
-from autoseg.models.loading import load_pretrained
+from autoseg.models.loading import build_scratch, check_no_scratch_options, is_scratch, load_pretrained
 
 DEFAULT_BLIP = "Salesforce/blip-image-captioning-large"
+# ``scratch:NAME`` BLIP sources: seeded random models of these sizes (autoseg.models.scratch.make_blip arguments)
+SCRATCH_SIZES: dict[str, dict] = {
+    "tiny": dict(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=37, patch_size=8, image_size=64),
+    "small": dict(hidden_size=96, num_layers=4, num_heads=4, intermediate_size=192, patch_size=8, image_size=128),
+}
 CAPTION_MODES = ("concat", "global", "local", "cls")
 # BLAS kernels for products of 1-3 rows differ in the last bit from those for more rows (measured with MKL), so a
 # generate call of fewer rows gets dummy rows: a caption is then computed alike in a call of any size.
@@ -105,12 +112,15 @@ class BlipCaptioner(nn.Module):
         dtype: torch.dtype = torch.float32,
         compile: bool = False,
     ) -> BlipCaptioner:
-        """Load from a Hugging Face id or a local ``save_pretrained`` directory (see ``load_pretrained``)."""
-        model = load_pretrained(
-            source, "BLIP captioner", lambda s, **kw: BlipForConditionalGeneration.from_pretrained(s, **kw), "--blip"
-        )
-        processor = load_pretrained(source, "BLIP processor", BlipProcessor.from_pretrained, "--blip")
-        return cls(model.to(device=device, dtype=dtype), processor, compile=compile)
+        """From a Hugging Face id, a local ``save_pretrained`` directory or ``scratch:NAME`` (see :func:`load_blip`)."""
+        return load_blip(source, device=device, dtype=dtype, compile=compile)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the model and its processor into ``folder`` (what :meth:`from_pretrained` reads back)."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+        return folder
 
     @property
     def device(self) -> torch.device:
@@ -414,3 +424,36 @@ class BlipCaptioner(nn.Module):
         texts = self.processor.tokenizer.batch_decode(out[:, prompt.numel() :], skip_special_tokens=True)
         texts = [t.strip().lower() for t in texts]
         return [texts[i * n_pass : (i + 1) * n_pass] for i in range(n_sets)]
+
+
+def load_blip(
+    source: str = DEFAULT_BLIP,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    compile: bool = False,
+    flag: str = "--blip",
+    scratch: Mapping[str, Any] | None = None,
+) -> BlipCaptioner:
+    """BLIP captioner from a hub id, a local directory or ``scratch:tiny`` / ``scratch:small`` (random, seeded).
+
+    Args:
+        source: where the weights come from.
+        flag: the setting that names ``source``, quoted in errors (e.g. ``--model.init_args.blip`` in training).
+        scratch: ``scratch:`` sources: ``make_blip`` arguments that override the registered size (e.g.
+            ``{"hidden_size": 96, "patch_size": 16}``); an error for other sources.
+
+    Raises:
+        autoseg.models.loading.ModelLoadError: the weights cannot be loaded (the message says how to provide them).
+        ValueError: an unknown scratch size, or ``scratch`` with another source.
+    """
+    check_no_scratch_options(source, scratch, "BLIP")
+    if is_scratch(source):
+        from autoseg.models.scratch import make_blip
+
+        model, processor = build_scratch(source, SCRATCH_SIZES, "BLIP", make_blip, scratch)
+    else:
+        model = load_pretrained(
+            source, "BLIP captioner", lambda s, **kw: BlipForConditionalGeneration.from_pretrained(s, **kw), flag
+        )
+        processor = load_pretrained(source, "BLIP processor", BlipProcessor.from_pretrained, flag)
+    return BlipCaptioner(model.to(device=device, dtype=dtype), processor, compile=compile)

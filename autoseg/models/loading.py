@@ -1,17 +1,28 @@
-"""One entry point for pretrained weights: a Hugging Face id or a local directory, with errors that say how to fix."""
+"""One entry point for pretrained weights: a Hugging Face id, a local directory or ``scratch:NAME``, with errors that
+say how to fix.
+
+``scratch:NAME`` builds a randomly initialised model of a registered size with an offline tokenizer (see
+:mod:`autoseg.models.scratch`); no network and no files are needed, which is what the debug configs and the tests use.
+The random initialisation is seeded (``SCRATCH_SEED``), so the same source always gives the same weights: checkpoints
+leave frozen weights out and take them from the source again when loaded.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from types import SimpleNamespace
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from safetensors import SafetensorError
 
 T = TypeVar("T")
+SCRATCH_PREFIX = "scratch:"
+SCRATCH_SEED = 0
 
 
 class ModelLoadError(RuntimeError):
@@ -101,3 +112,54 @@ def _offline_message(what: str, source: str, flag: str, reason: str) -> str:
         f"On a machine with internet run `hf download {source} --local-dir DIR` (or `save_pretrained(DIR)`), copy DIR "
         f"here and {how}."
     )
+
+
+def is_scratch(source: str | os.PathLike | None) -> bool:
+    """Whether ``source`` names a random model of a registered size (``scratch:NAME``)."""
+    return isinstance(source, str) and source.startswith(SCRATCH_PREFIX)
+
+
+def scratch_size(source: str, sizes: Mapping[str, Mapping[str, Any]], what: str) -> dict[str, Any]:
+    """The registered size that ``scratch:NAME`` names; an unknown name lists the available ones."""
+    name = source[len(SCRATCH_PREFIX) :]
+    if name not in sizes:
+        raise ValueError(f"{what} source {source!r}: unknown scratch size {name!r}; available: {sorted(sizes)}")
+    return dict(sizes[name])
+
+
+def build_scratch(
+    source: str,
+    sizes: Mapping[str, Mapping[str, Any]],
+    what: str,
+    make: Callable[..., T],
+    overrides: Mapping[str, Any] | None = None,
+    **extra: Any,
+) -> T:
+    """``make(**size, **extra)`` for a ``scratch:NAME`` source with seeded weights; ``overrides`` change the size.
+
+    Raises:
+        ValueError: an unknown size name, or an override that ``make`` does not take.
+    """
+    size = scratch_size(source, sizes, what)
+    allowed = set(inspect.signature(make).parameters) - set(extra)
+    unknown = sorted(set(overrides or {}) - allowed)
+    if unknown:
+        raise ValueError(f"{what} scratch options {unknown} unknown; allowed: {sorted(allowed)}")
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SCRATCH_SEED)
+        return make(**{**size, **(overrides or {})}, **extra)
+
+
+def check_no_scratch_options(source: str, overrides: Mapping[str, Any] | None, what: str) -> None:
+    """Size overrides apply to ``scratch:NAME`` sources only."""
+    if overrides and not is_scratch(source):
+        raise ValueError(
+            f"{what} source {source!r}: size options {dict(overrides)} only apply to 'scratch:NAME' sources"
+        )
+
+
+def scratch_model_config(size: Mapping[str, Any], model_type: str) -> SimpleNamespace:
+    """What the config checks read of a model's ``config.json``, for a ``scratch:NAME`` size (no model is built)."""
+    return SimpleNamespace(model_type=model_type, vision_config=SimpleNamespace(**size))

@@ -43,9 +43,6 @@ from transformers import (
     ViTImageProcessor,
 )
 
-from autoseg.models.segmenters.grounded_sam import DETECTOR_DIR, SAM_DIR
-from autoseg.models.segmenters.sam3 import TEXT_LENGTH
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -240,6 +237,8 @@ def make_sam3(
     ``hidden_size``; the square input side is ``image_size`` (the ViT's global layers fix it) and the masks come out
     at ``4 x image_size / patch_size`` per side.
     """
+    from autoseg.models.segmenters.sam3 import TEXT_LENGTH  # here: the segmenters build their scratch models
+
     tok = clip_tokenizer(words, model_max_length=TEXT_LENGTH)
     grid = image_size // patch_size
     small = dict(hidden_size=hidden_size, num_attention_heads=num_heads, intermediate_size=intermediate_size)
@@ -386,6 +385,8 @@ def save_grounded_sam(
 ) -> Path:
     """One folder for ``--segmenter-backend grounded_sam --segmenter DIR``: ``DIR/detector`` and ``DIR/sam``."""
     out = Path(out_dir)
+    from autoseg.models.segmenters.grounded_sam import DETECTOR_DIR, SAM_DIR
+
     save(*detector, out / DETECTOR_DIR)
     save(*sam, out / SAM_DIR)
     return out

@@ -35,6 +35,7 @@ class Prediction:
         cluster_map: ``h x w`` BBoost cluster map on the patch grid (None when not computed).
         captions: per cluster id, the captions generated for it.
         extra: anything else worth saving in the JSON (timings, settings).
+        image: the RGB image it describes (for :meth:`overlay`; not saved).
     """
 
     vocabulary: list[str]
@@ -42,13 +43,52 @@ class Prediction:
     cluster_map: np.ndarray | None = None
     captions: dict[int, list[str]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    image: Image.Image | None = field(default=None, repr=False, compare=False)
 
     def pixel_fraction(self) -> dict[str, float]:
+        """Each name's share of the pixels, and the unlabelled share under ``"<unlabelled>"``."""
         counts = np.bincount(self.label_map.ravel().astype(np.int64), minlength=len(self.vocabulary) + 1)
         total = max(int(counts.sum()), 1)
         out = {name: float(counts[i + 1]) / total for i, name in enumerate(self.vocabulary)}
         out["<unlabelled>"] = float(counts[UNLABELLED]) / total
         return out
+
+    def mask(self, name: str) -> np.ndarray:
+        """``H x W`` boolean mask of the pixels labelled ``name``.
+
+        Raises:
+            KeyError: ``name`` is not in the vocabulary (the message lists it).
+        """
+        if name not in self.vocabulary:
+            raise KeyError(f"{name!r} is not in this prediction's vocabulary {self.vocabulary}")
+        return self.label_map == self.vocabulary.index(name) + 1
+
+    def overlay(self, image: Image.Image | None = None, alpha: float = 0.5) -> Image.Image:
+        """The image with label colours and a legend of the names (what ``IMG_overlay.jpg`` shows).
+
+        Args:
+            image: the image to draw on (default: the one this prediction was made from).
+        """
+        image = image if image is not None else self.image
+        if image is None:
+            raise ValueError("this prediction holds no image; pass the image: prediction.overlay(image)")
+        return render_overlay(image, self.label_map, self.vocabulary, alpha)
+
+    def record(self, image_path: str | None = None) -> dict[str, Any]:
+        """The JSON record ``infer.py`` writes as ``IMG.json`` (without the ``files`` entry)."""
+        h, w = self.label_map.shape
+        return {
+            "image": str(image_path) if image_path is not None else None,
+            "size": [w, h],
+            "vocabulary": list(self.vocabulary),
+            "pixel_fraction": self.pixel_fraction(),
+            "captions": {str(k): v for k, v in self.captions.items()},
+            **self.extra,
+        }
+
+    def to_json(self, image_path: str | None = None, indent: int | None = None) -> str:
+        """:meth:`record` as a JSON string."""
+        return json.dumps(self.record(image_path), indent=indent)
 
 
 def palette(n: int, seed: int = 7) -> np.ndarray:
@@ -129,12 +169,7 @@ def write_prediction(
         raise ValueError(f"vocabulary of {n} names does not fit a 16-bit PNG")
     mode, dtype = ("L", np.uint8) if n <= 255 else ("I;16", np.uint16)
     record = {
-        "image": str(image_path),
-        "size": [image.width, image.height],
-        "vocabulary": list(pred.vocabulary),
-        "pixel_fraction": pred.pixel_fraction(),
-        "captions": {str(k): v for k, v in pred.captions.items()},
-        **pred.extra,
+        **pred.record(image_path),
         "files": {"label_map": files["label_map"].name, "overlay": files["overlay"].name},
     }
     overlay = render_overlay(image, pred.label_map, pred.vocabulary)

@@ -89,18 +89,26 @@ class SegmentationWriter:
             return
         seconds = (time.perf_counter() - t0) / len(batch)
         for (image, file, stem, entry), pred in zip(batch, preds, strict=True):
-            try:
-                pred.extra["seconds"] = round(seconds, 3)
-                write_prediction(self.out_dir, stem, image, str(file), pred)
-                entry.update(status="ok", vocabulary=pred.vocabulary)
-            except OSError as e:
-                entry.update(status="error", reason=f"{file}: could not write outputs ({e})")
-                if e.errno in FATAL_WRITE_ERRORS:
-                    with contextlib.suppress(OSError):
-                        self.run.record(entry)
-                    raise OutputWriteError(
-                        e.errno,
-                        f"cannot write to {self.out_dir} ({e.strerror}); the images finished before are complete: "
-                        "make room and rerun with --skip-existing",
-                    ) from e
-            self.run.record(entry)
+            pred.extra["seconds"] = round(seconds, 3)
+            self.commit(image, file, stem, entry, pred)
+
+    def commit(self, image: Image.Image, file: Path | str, stem: Path | str, entry: dict, pred: Prediction) -> None:
+        """Write one image's output set and record its final status.
+
+        Raises:
+            OutputWriteError: the disk is full or read-only (the set is removed, the entry recorded).
+        """
+        try:
+            write_prediction(self.out_dir, stem, image, str(file), pred)
+            entry.update(status="ok", vocabulary=pred.vocabulary)
+        except OSError as e:
+            entry.update(status="error", reason=f"{file}: could not write outputs ({e})")
+            if e.errno in FATAL_WRITE_ERRORS:
+                with contextlib.suppress(OSError):
+                    self.run.record(entry)
+                raise OutputWriteError(
+                    e.errno,
+                    f"cannot write to {self.out_dir} ({e.strerror}); the images finished before are complete: "
+                    "make room and rerun with --skip-existing",
+                ) from e
+        self.run.record(entry)

@@ -96,12 +96,11 @@ class InitEnhancer(L.Callback):
 
 
 def starting_pipeline(source: str) -> tuple[Path, dict[str, Any]]:
-    """The pipeline YAML of a preset name or a path, and its resolved settings (absolute model paths)."""
-    from autoseg.config import load_config, preset_path, presets, to_dict
+    """The pipeline YAML of ``--from`` (anything ``autoseg.load`` takes), and its settings (absolute model paths)."""
+    from autoseg.api import pipeline_yaml
+    from autoseg.config import load_config, to_dict
 
-    path = preset_path(source) if source in presets() else Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"--from {source}: neither a preset ({presets()}) nor a pipeline YAML file")
+    path = pipeline_yaml(source)
     return path, to_dict(load_config(path))
 
 
@@ -252,14 +251,14 @@ def last_checkpoint(out: Path, stage: str) -> Path:
     return out / stage / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
 
 
-def run_stage(out: Path, stage: str, resume: bool, threads: int | None) -> None:
+def run_stage(out: Path, stage: str, resume: bool, threads: int | None, in_process: bool = True) -> None:
     """Train one stage with ``OUT/configs/STAGE.yaml``; with ``resume``, continue from its ``last.ckpt`` if any."""
     ckpt = last_checkpoint(out, stage)
     cont = resume and ckpt.is_file()
     args = [f"--ckpt_path={ckpt}"] if cont else []
     log = out / "logs" / f"{stage}.log"
     print(f"[adapt] {stage}: {'resumed' if cont else 'started'}, log {log}", flush=True)
-    run_train(out / "configs" / f"{stage}.yaml", out / stage, log, args, threads, fresh=not cont)
+    run_train(out / "configs" / f"{stage}.yaml", out / stage, log, args, threads, fresh=not cont, in_process=in_process)
 
 
 def assemble(out: Path, settings: dict[str, Any], has_enhancer: bool, mask_padding: bool, source: str) -> Path:
@@ -281,7 +280,12 @@ def assemble(out: Path, settings: dict[str, Any], has_enhancer: bool, mask_paddi
 
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m autoseg.recipes.adapt", description=__doc__.split("\n\n")[0])
-    p.add_argument("--from", dest="source", required=True, help="starting pipeline: a preset name or a pipeline YAML")
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        help="starting pipeline: a preset name, a pipeline YAML, a saved pipeline folder or a Hub repo id",
+    )
     p.add_argument("--data", type=Path, required=True, help="folder dataset: classes.txt, images/, masks/ [captions/]")
     p.add_argument("--out", type=Path, required=True, help="run folder (pipeline.yaml, models/, configs/, adapt.json)")
     p.add_argument("--minutes", type=float, default=NOMINAL_MINUTES, help="training time, shared by the stages")
@@ -357,11 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     has_enhancer = (out / "configs" / "enhancer.yaml").is_file()
     threads = max(1, cores() // min(args.jobs, len(LANES)))
 
+    lanes = [[s for s in lane if s not in done and (s != "enhancer" or has_enhancer)] for lane in LANES]
+    in_process = args.jobs == 1 or sum(1 for lane in lanes if lane) < 2  # lanes side by side: a process each
+
     def train(stage: str) -> None:
-        run_stage(out, stage, args.resume, threads)
+        run_stage(out, stage, args.resume, threads, in_process)
         finish(stage)
 
-    lanes = [[s for s in lane if s not in done and (s != "enhancer" or has_enhancer)] for lane in LANES]
     failures = run_lanes(lanes, train, log, args.jobs)
     if failures:
         for e in failures:

@@ -1,18 +1,24 @@
-"""What the recipes share: running a ``train.py`` stage, running lanes of stages side by side with timings, copying
-exports into a pipeline folder with its YAML, and scoring a pipeline YAML with ``eval.py``.
+"""What the recipes share: running a training stage, running lanes of stages side by side with timings, copying
+exports into a pipeline folder with its YAML, and scoring a pipeline on a folder dataset.
+
+A stage is a call of :func:`autoseg.lit.trainer.run` (``train.py``'s argv) that returns its figures as data. With one
+lane at a time it runs in this process; lanes side by side each run their stages in a worker process of their own,
+because a Lightning run seeds the process's random generators and sets its torch threads.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import multiprocessing
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -45,27 +51,68 @@ def run_train(
     threads: int | None = None,
     fresh: bool = True,
     subcommand: str = "fit",
-) -> None:
-    """One ``train.py SUBCOMMAND -c CONFIG`` run into ``root`` (emptied first when ``fresh``), output to ``log``.
+    in_process: bool = True,
+) -> dict[str, Any]:
+    """One ``train.py SUBCOMMAND -c CONFIG`` run into ``root`` (emptied first when ``fresh``), its output to ``log``.
+
+    Args:
+        threads: torch threads of the run (lanes side by side share the cores).
+        in_process: run here; False: in a fresh worker process (lanes side by side).
+
+    Returns:
+        the run's :class:`autoseg.lit.trainer.RunResult` as a dict (``metrics``, ``best_score``, ``exports``, ...).
 
     Raises:
-        RuntimeError: the run failed; the message holds the end of its log.
+        RuntimeError: the run failed; the message holds the error and the end of its log.
     """
     if fresh:
         shutil.rmtree(root, ignore_errors=True)
-    cmd = [sys.executable, str(REPO / "train.py"), subcommand, "-c", str(config)]
-    cmd += [f"--trainer.default_root_dir={root}", *args]
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads: lanes share the cores
+    argv = [subcommand, "-c", str(config), f"--trainer.default_root_dir={root}", *args]
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "a" if not fresh else "w", encoding="utf-8") as f:
-        f.write(" ".join(cmd[1:]) + "\n")
-        f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    if code:
+    with open(log, "w" if fresh else "a", encoding="utf-8") as f:
+        f.write("train.py " + " ".join(argv) + "\n")
+    try:
+        if in_process:
+            return run_logged(argv, log, threads)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(run_logged, argv, log, threads).result()
+    except Exception as e:  # noqa: BLE001 - any failure of the stage is reported with its log
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-25:])
-        raise RuntimeError(f"stage {root.name} failed (exit {code}); the end of {log}:\n{tail}")
+        raise RuntimeError(f"stage {root.name} failed ({type(e).__name__}: {e}); the end of {log}:\n{tail}") from e
+
+
+def run_logged(argv: Sequence[str], log: Path, threads: int | None = None) -> dict[str, Any]:
+    """:func:`autoseg.lit.trainer.run` with everything it prints appended to ``log``; returns its result as a dict."""
+    import torch
+
+    from autoseg.lit.trainer import run
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with open(log, "a", encoding="utf-8") as f, output_to(f):
+        try:
+            return dataclasses.asdict(run(list(argv)))
+        except SystemExit as e:  # LightningCLI's usage errors
+            raise RuntimeError(f"train.py {' '.join(argv)}: usage error (exit {e.code})") from None
+
+
+@contextlib.contextmanager
+def output_to(stream) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so logging and C code too) to ``stream``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 class StageLog:
@@ -132,7 +179,7 @@ def copy_models(
     models.mkdir(parents=True)
     shutil.copytree(blip, models / "blip")
     shutil.copytree(segmenter, models / "segmenter")
-    rel = "./" + models.relative_to(yaml_path.parent).as_posix()
+    rel = "./" + models.relative_to(yaml_path.parent).as_posix() if models != yaml_path.parent else "."
     pipeline: dict[str, Any] = {"blip": f"{rel}/blip"}
     if enhancer is not None:
         shutil.copy2(enhancer, models / "enhancer.safetensors")
@@ -150,8 +197,22 @@ def dump_pipeline(yaml_path: Path, pipeline: Mapping[str, Any], header: str) -> 
 
 
 def eval_pipeline(config: Path, root: Path, report: Path, mapper: str = "embedding") -> dict[str, Any]:
-    """Score a pipeline YAML on a folder dataset with ``eval.py`` (pipeline mode); returns the report."""
-    cmd = [sys.executable, str(REPO / "eval.py"), "--dataset", "folder", "--root", str(root), "--config", str(config)]
-    cmd += ["--mapper", mapper, "--report", str(report), "--no-progress"]
-    subprocess.run(cmd, check=True)
-    return json.loads(report.read_text())
+    """Score a pipeline (YAML or folder) on a folder dataset as ``eval.py`` does (predictions beside the report);
+    returns the report."""
+    from autoseg.api import resolve_config
+    from autoseg.config import to_dict
+    from autoseg.data.datasets import build_dataset
+    from autoseg.evaluate import evaluate_predictions, write_reports
+    from autoseg.lave import build_mapper
+    from autoseg.outputs import RunManifest
+    from autoseg.run import segment_into
+
+    settings, _ = resolve_config(config)
+    dataset = build_dataset("folder", str(root))
+    predictions = report.with_name(report.stem + "_predictions")
+    files = [(Path(s.image), Path(s.name)) for s in dataset.samples]
+    with RunManifest(predictions, {"config": to_dict(settings)}) as run:
+        segment_into(settings, files, run, progress=False)
+    result = evaluate_predictions(predictions, dataset, build_mapper(mapper), progress=False, mapper_name=mapper)
+    write_reports(result, report)
+    return result

@@ -9,15 +9,17 @@ of ``configs/experiment/shapes/``, so every setting is in YAML and TensorBoard s
 4. ``segmenter_stage1``: a small CLIPSeg vision tower trained with the per-patch class loss only;
 5. ``segmenter_stage2``: the whole CLIPSeg (decoder and text tower too) on top of stage 1;
 6. ``enhancer``: the embedding-enhancer head on the captioner's tokens;
-7. ``assemble``: the exports copied into one folder with a pipeline YAML (``--ship`` writes it to the package as the
-   ``demo`` preset: ``infer.py --preset demo``);
-8. ``evaluate``: ``eval.py`` on a freshly generated held-out ShapesWorld set (seed never used in training) with the
-   embedding mapper, and the enhancer's cluster mIoU against the identity head on that set.
+7. ``assemble``: the exports copied into one pipeline folder (``pipeline.yaml`` + models; ``--ship`` writes it to the
+   package as the ``demo`` preset: ``infer.py --preset demo``, ``autoseg.load("demo")``);
+8. ``evaluate``: the pipeline scored as ``eval.py`` scores it on a freshly generated held-out ShapesWorld set (seed
+   never used in training) with the embedding mapper, and the enhancer's cluster mIoU against the identity head on
+   that set.
 
-The training data are generated once first (``data``). Captioner and segmenter do not depend on each other, so the
-two lanes ``captioner_stage1 -> captioner_stage2 -> enhancer`` and ``segmenter_stage1 -> segmenter_stage2`` run side
-by side (``--jobs 2``, the default: one process per lane, the CPU threads split between them); ``--jobs 1`` runs the
-stages one after another. Each stage's output goes to ``OUT/logs/STAGE.log``.
+Each training stage is a ``train.py`` run called as a function (:func:`autoseg.lit.trainer.run`) that returns its
+figures. The training data are generated once first (``data``). Captioner and segmenter do not depend on each other,
+so the two lanes ``captioner_stage1 -> captioner_stage2 -> enhancer`` and ``segmenter_stage1 -> segmenter_stage2`` run
+side by side (``--jobs 2``, the default: a worker process per lane, the CPU threads split between them); ``--jobs 1``
+runs the stages one after another in this process. Each stage's output goes to ``OUT/logs/STAGE.log``.
 
 ``--scale 0.01`` shortens every stage (a smoke run); ``--from STAGE`` resumes after finished stages. Timings and
 figures go to ``OUT/recipe.json``.
@@ -26,7 +28,6 @@ figures go to ``OUT/recipe.json``.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -105,7 +106,9 @@ def small_data(scale: float) -> dict:
     return {"n_train": 64, "n_val": 8} if scale < 1 else {}
 
 
-def train(out: Path, stage: str, scale: float, extra: Sequence[str] = (), threads: int | None = None) -> None:
+def train(
+    out: Path, stage: str, scale: float, extra: Sequence[str] = (), threads: int | None = None, in_process: bool = True
+) -> None:
     """One ``train.py fit`` run of ``configs/experiment/shapes/STAGE.yaml`` into ``out/STAGE`` (a fresh folder);
     its output goes to ``out/logs/STAGE.log``."""
     steps = max(4, round(TRAIN_STEPS[stage] * scale))
@@ -115,7 +118,7 @@ def train(out: Path, stage: str, scale: float, extra: Sequence[str] = (), thread
         args += [f"--data.shapesworld.{k}={v}" for k, v in small_data(scale).items()]
     log = out / "logs" / f"{stage}.log"
     print(f"[recipe] {stage}: started ({steps} steps), log {log}", flush=True)
-    run_train(CONFIGS / f"{stage}.yaml", out / stage, log, [*args, *extra], threads)
+    run_train(CONFIGS / f"{stage}.yaml", out / stage, log, [*args, *extra], threads, in_process=in_process)
 
 
 def prepare_data(scale: float, workers: int) -> Path:
@@ -133,9 +136,10 @@ def prepare_data(scale: float, workers: int) -> Path:
 
 
 def assemble(out: Path, ship: bool) -> Path:
-    """Copy the exports into ``out/demo`` (or the package's presets) with a pipeline YAML using ``./`` paths."""
+    """Copy the exports into the pipeline folder ``out/demo`` (or the package's ``demo`` preset) with its
+    ``pipeline.yaml`` (``./`` paths): the layout ``save_pretrained`` writes and ``autoseg.load`` reads."""
     target = PRESET_DIR / "demo" if ship else out / "demo"
-    yaml_path = target.parent / "demo.yaml"
+    yaml_path = target / "pipeline.yaml"
     pipeline = copy_models(
         yaml_path,
         target,
@@ -150,47 +154,32 @@ def assemble(out: Path, ship: bool) -> Path:
 
 def evaluate(out: Path, preset_yaml: Path, n: int) -> dict:
     """Held-out ShapesWorld: pipeline mIoU through eval.py, and the enhancer's cluster mIoU vs the identity head."""
+    from autoseg.data.shapes import main as generate
+
     heldout = out / "heldout"
-    if not (heldout / "classes.txt").is_file():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "autoseg.data.shapes",
-                "--seed",
-                str(HELDOUT_SEED),
-                "--n",
-                str(n),
-                "--out",
-                str(heldout),
-            ],
-            check=True,
-        )
+    if not (heldout / "classes.txt").is_file() and generate(
+        ["--seed", str(HELDOUT_SEED), "--n", str(n), "--out", str(heldout)]
+    ):
+        raise RuntimeError(f"could not generate the held-out set into {heldout}")
     figures = eval_pipeline(preset_yaml, heldout, out / "eval" / "report.json")
     ckpts = sorted((out / "enhancer" / "lightning_logs" / "version_0" / "checkpoints").glob("best-*.ckpt"))
     cluster = {}
     for size in DEMO_PIPELINE["scales"]:  # the enhancer serves BBoost at every clustering scale of the pipeline
-        validate = [
-            sys.executable,
-            str(REPO / "train.py"),
-            "validate",
-            "-c",
-            str(CONFIGS / "enhancer.yaml"),
+        args = [
             f"--model.init_args.blip={export_dir(out, 'captioner_stage2', 'blip')}",
             f"--ckpt_path={ckpts[-1]}",
-            f"--trainer.default_root_dir={out / 'eval' / f'enhancer_{size}'}",
             f"--data.val.root={heldout}",
             "--data.val.dataset=folder",
             "--data.shapesworld=null",
             f"--data.image_size={size}",
         ]
-        result = subprocess.run(validate, check=True, capture_output=True, text=True)
-        found = {}
-        for line in result.stdout.splitlines():
-            for key, name in (("val/cluster_mIoU_identity", "identity"), ("val/cluster_mIoU", "enhanced")):
-                if f" {key} " in line and name not in found:
-                    found[name] = 100 * float(line.split("│")[2])
-        cluster[str(size)] = found
+        root = out / "eval" / f"enhancer_{size}"
+        log = out / "logs" / f"validate_enhancer_{size}.log"
+        metrics = run_train(CONFIGS / "enhancer.yaml", root, log, args, subcommand="validate")["metrics"]
+        cluster[str(size)] = {
+            "identity": 100 * metrics["val/cluster_mIoU_identity"],
+            "enhanced": 100 * metrics["val/cluster_mIoU"],
+        }
     return {
         "mIoU": figures["mIoU"],
         "per_class": figures["per_class"],
@@ -226,7 +215,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "data" in todo:
         log.timed("data", lambda: prepare_data(args.scale, workers=cores()))
     lanes = [[s for s in lane if s in todo] for lane in LANES]
-    failures = run_lanes(lanes, lambda s: train(out, s, args.scale, extra.get(s, list)(), threads), log, args.jobs)
+    in_process = args.jobs == 1 or sum(1 for lane in lanes if lane) < 2  # lanes side by side: a process each
+
+    def stage(s: str) -> None:
+        train(out, s, args.scale, extra.get(s, list)(), threads, in_process)
+
+    failures = run_lanes(lanes, stage, log, args.jobs)
     if failures:
         for e in failures:
             print(f"[recipe] {e}", file=sys.stderr)

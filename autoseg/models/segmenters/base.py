@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -167,17 +168,30 @@ def empty_map(image: Image.Image) -> np.ndarray:
 class Segmenter(nn.Module):
     """Interface of every backend: ``segment(images, vocabularies)`` -> one label map per image."""
 
-    def segment(self, images: Sequence[Image.Image], vocabularies: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    def segment(
+        self,
+        images: Sequence[Image.Image],
+        vocabularies: Sequence[Sequence[str]],
+        threshold: float | None = None,
+    ) -> list[np.ndarray]:
         """Label maps at each image's original size: 0 = unlabelled, ``i`` = ``vocabularies[b][i - 1]``.
 
         Args:
             images: RGB images of any sizes.
             vocabularies: one list of names per image (may differ between images, may be empty).
+            threshold: semantic modes: this call's unlabelled threshold instead of the segmenter's own (None).
 
         Returns:
             per image an ``H x W`` int32 label map.
         """
         raise NotImplementedError
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the models and processors into ``folder`` (what the backend's ``load`` reads back)."""
+        folder = Path(folder)
+        self.model.save_pretrained(folder)
+        self.processor.save_pretrained(folder)
+        return folder
 
 
 class PerNameSegmenter(Segmenter):
@@ -264,7 +278,13 @@ class PerNameSegmenter(Segmenter):
         return todo, names, self.encode_image(self.preprocess([images[b] for b in todo])), self.text_embeddings(names)
 
     @torch.inference_mode()
-    def segment(self, images: Sequence[Image.Image], vocabularies: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    def segment(
+        self,
+        images: Sequence[Image.Image],
+        vocabularies: Sequence[Sequence[str]],
+        threshold: float | None = None,
+    ) -> list[np.ndarray]:
+        threshold = self.threshold if threshold is None else threshold
         out = [empty_map(im) for im in images]
         todo, names, features, text = self.encode_batch(images, vocabularies)
         if not todo:
@@ -275,6 +295,6 @@ class PerNameSegmenter(Segmenter):
         for b in todo:
             c = len(vocabularies[b])
             size = (images[b].height, images[b].width)
-            out[b] = labels_from_logits(logits[start : start + c], size, self.threshold, self.class_chunk)
+            out[b] = labels_from_logits(logits[start : start + c], size, threshold, self.class_chunk)
             start += c
         return out

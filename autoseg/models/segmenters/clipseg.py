@@ -5,7 +5,9 @@ The masks come from the decoder's grid of 22 x 22 patch tokens (352 px / 16), up
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -13,8 +15,11 @@ from torch import nn
 from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
 from autoseg.models.loading import load_pretrained
+from autoseg.models.scratch import make_clipseg
 from autoseg.models.segmenters.base import TEXT_CACHE_SIZE, LRUCache, PerNameSegmenter
 from autoseg.models.segmenters.clip_text import template_text_features
+from autoseg.models.segmenters.spec import Backend, SegmenterConfig, nearest_multiples, vision_setting
+from autoseg.utils.settings import at_least, config_error, rule
 
 DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
 # A short version of the CLIP/CLIPSeg prompt ensemble; each name's text embedding is the mean over these.
@@ -79,8 +84,7 @@ class CLIPSegSegmenter(PerNameSegmenter):
     def from_pretrained(
         cls, source: str = DEFAULT_CLIPSEG, device: str | torch.device = "cpu", dtype=torch.float32, **kwargs
     ) -> CLIPSegSegmenter:
-        model = load_pretrained(source, "CLIPSeg segmenter", CLIPSegForImageSegmentation.from_pretrained, "--segmenter")
-        processor = load_pretrained(source, "CLIPSeg processor", CLIPSegProcessor.from_pretrained, "--segmenter")
+        model, processor = load(source)
         return cls(model.to(device=device, dtype=dtype), processor, **kwargs)
 
     def backbone(self) -> list[nn.Module]:
@@ -140,3 +144,102 @@ class CLIPSegSegmenter(PerNameSegmenter):
         acts = [a[image_index.to(a.device)] for a in features]  # P x L x D each
         logits = self.model.decoder(acts, text[name_index.to(text.device)]).logits
         return logits.view(len(image_index), *logits.shape[-2:])  # a single pair loses its batch axis
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The backend's entry in the registry
+@dataclass
+class CLIPSegOptions:
+    """CLIPSeg's own settings.
+
+    Attributes:
+        templates: prompt templates (``{}`` = the name); a name's text embedding is the mean over them.
+        image_size: square input side (CLIPSeg's decoder needs a square patch grid).
+    """
+
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    image_size: int = 352
+
+
+def _template_ok(template: str) -> bool:
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return "{}" in template
+
+
+def load(
+    source: str, config: SegmenterConfig | None = None, flag: str = "--segmenter"
+) -> tuple[CLIPSegForImageSegmentation, CLIPSegProcessor]:
+    """The model and processor of a hub id or a local directory (``flag``: the setting named in errors)."""
+    model = load_pretrained(source, "CLIPSeg segmenter", CLIPSegForImageSegmentation.from_pretrained, flag)
+    processor = load_pretrained(source, "CLIPSeg processor", CLIPSegProcessor.from_pretrained, flag)
+    return model, processor
+
+
+def assemble(parts: tuple, config: SegmenterConfig) -> CLIPSegSegmenter:
+    model, processor = parts
+    options: CLIPSegOptions = config.options
+    return CLIPSegSegmenter(
+        model,
+        processor,
+        templates=options.templates,
+        threshold=config.threshold,
+        image_size=options.image_size,
+        class_chunk=config.class_chunk,
+        pair_chunk=config.pair_chunk,
+    )
+
+
+def check(config: SegmenterConfig, read_model_config: Callable[[str], Any], where: str) -> None:
+    """The input side must be a multiple of the vision tower's patch size (others crop the right and bottom edge)."""
+    model = read_model_config(config.source if config.source is not None else DEFAULT_CLIPSEG)
+    patch = vision_setting(model, "patch_size") if model is not None else None
+    size = config.options.image_size
+    if patch is not None and size % patch:
+        raise config_error(
+            "segmenter.image_size",
+            f"expected a multiple of the segmenter's patch size {patch} (vision_config.patch_size of "
+            f"{config.source or DEFAULT_CLIPSEG}; other sizes crop the image's right and bottom edge), got {size}; "
+            f"e.g. {nearest_multiples(size, patch)}",
+            where,
+        )
+
+
+BACKEND = Backend(
+    name="clipseg",
+    summary="CLIPSeg: light, a CPU is fine, every pixel named, coarse masks (22 x 22 grid)",
+    default_source=DEFAULT_CLIPSEG,
+    modes=("semantic",),
+    model_types=("clipseg",),
+    load=load,
+    make=make_clipseg,
+    assemble=assemble,
+    scratch_sizes={
+        "tiny": dict(hidden_size=32, num_layers=3, num_heads=4, intermediate_size=37, patch_size=8, image_size=64),
+        "small": dict(
+            hidden_size=96,
+            num_layers=4,
+            num_heads=4,
+            intermediate_size=192,
+            patch_size=8,
+            image_size=128,
+            projection_dim=64,
+            reduce_dim=32,
+            extract_layers=(1, 2, 3),
+        ),
+    },
+    options=CLIPSegOptions,
+    rules={
+        "templates": rule(
+            lambda v: len(v) > 0 and all(_template_ok(t) for t in v),
+            "a non-empty list of strings, each with one '{}' for the name and no other braces",
+            True,
+        ),
+        "image_size": at_least(1),
+    },
+    check=check,
+    threshold_modes=("semantic",),
+    trainable=True,
+)

@@ -10,6 +10,7 @@ over SAM's 1024 px padded input); the masks are merged by score (the box's proba
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,11 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor, SamModel, SamProcessor
 
-from autoseg.models.loading import load_pretrained
+from autoseg.models.loading import is_scratch, load_pretrained
+from autoseg.models.scratch import make_grounding_dino, make_sam
 from autoseg.models.segmenters.base import Segmenter, check_batch, empty_map, merge_instances
+from autoseg.models.segmenters.spec import Backend, SegmenterConfig, segmenter_source
+from autoseg.utils.settings import NON_EMPTY, between, config_error
 
 DEFAULT_GROUNDING_DINO = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SAM = "facebook/sam-vit-base"
@@ -106,15 +110,20 @@ class GroundedSamSegmenter(Segmenter):
         dtype=torch.float32,
         **kwargs,
     ) -> GroundedSamSegmenter:
-        det, sam = grounded_sources(source, sam_source)
-        flag = "--segmenter"
-        detector = load_pretrained(det, "Grounding DINO", AutoModelForZeroShotObjectDetection.from_pretrained, flag)
-        detector_processor = load_pretrained(det, "Grounding DINO processor", AutoProcessor.from_pretrained, flag)
-        sam_flag = "segmenter.sam_source"
-        sam_model = load_pretrained(sam, "SAM", SamModel.from_pretrained, sam_flag)
-        sam_processor = load_pretrained(sam, "SAM processor", SamProcessor.from_pretrained, sam_flag)
+        detector, detector_processor, sam_model, sam_processor = load_parts(source, sam_source)
         models = [m.to(device=device, dtype=dtype) for m in (detector, sam_model)]
         return cls(models[0], detector_processor, models[1], sam_processor, **kwargs)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """``folder/detector`` (Grounding DINO) and ``folder/sam`` (SAM): the combined folder ``load`` reads."""
+        folder = Path(folder)
+        for sub, model, processor in (
+            (DETECTOR_DIR, self.detector, self.detector_processor),
+            (SAM_DIR, self.sam, self.sam_processor),
+        ):
+            model.save_pretrained(folder / sub)
+            processor.save_pretrained(folder / sub)
+        return folder
 
     @property
     def device(self) -> torch.device:
@@ -208,7 +217,14 @@ class GroundedSamSegmenter(Segmenter):
         return torch.cat(masks)
 
     @torch.inference_mode()
-    def segment(self, images: Sequence[Image.Image], vocabularies: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    def segment(
+        self,
+        images: Sequence[Image.Image],
+        vocabularies: Sequence[Sequence[str]],
+        threshold: float | None = None,
+    ) -> list[np.ndarray]:
+        if threshold is not None:
+            raise ValueError("grounded_sam labels the pixels of its boxes; it takes no unlabelled threshold")
         check_batch(images, vocabularies)
         out = [empty_map(im) for im in images]
         todo = [b for b, names in enumerate(vocabularies) if names]
@@ -254,3 +270,85 @@ def sam_unpadder(pad: tuple[int, int], reshaped: tuple[int, int], size: tuple[in
         return F.interpolate(up, size, mode="bilinear", align_corners=False)[0]
 
     return resize
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The backend's entry in the registry
+@dataclass
+class GroundedSamOptions:
+    """Grounded SAM's own settings.
+
+    Attributes:
+        box_threshold: keep a box whose best name-token probability is above this.
+        text_threshold: ... and whose name's mean token probability is above this.
+        sam_source: the SAM model (null: the ``sam/`` of a combined ``source`` folder, else ``DEFAULT_SAM``).
+    """
+
+    box_threshold: float = 0.35
+    text_threshold: float = 0.25
+    sam_source: str | None = None
+
+
+def load_parts(source: str, sam_source: str | None = None, flag: str = "--segmenter") -> tuple:
+    """Grounding DINO, its processor, SAM and its processor (see :func:`grounded_sources`)."""
+    det, sam = grounded_sources(source, sam_source)
+    sam_flag = "segmenter.sam_source"
+    detector = load_pretrained(det, "Grounding DINO", AutoModelForZeroShotObjectDetection.from_pretrained, flag)
+    detector_processor = load_pretrained(det, "Grounding DINO processor", AutoProcessor.from_pretrained, flag)
+    sam_model = load_pretrained(sam, "SAM", SamModel.from_pretrained, sam_flag)
+    sam_processor = load_pretrained(sam, "SAM processor", SamProcessor.from_pretrained, sam_flag)
+    return detector, detector_processor, sam_model, sam_processor
+
+
+def make(words: Sequence[str] = (), detector: dict | None = None, sam: dict | None = None) -> tuple:
+    """A random Grounding DINO (BERT's tokenizer: ``words`` need no care) and a random SAM."""
+    return (*make_grounding_dino(**(detector or {})), *make_sam(**(sam or {})))
+
+
+def assemble(parts: tuple, config: SegmenterConfig) -> GroundedSamSegmenter:
+    options: GroundedSamOptions = config.options
+    return GroundedSamSegmenter(
+        *parts,
+        box_threshold=options.box_threshold,
+        text_threshold=options.text_threshold,
+        max_instances=config.max_instances,
+        class_chunk=config.class_chunk,
+        pair_chunk=config.pair_chunk,
+    )
+
+
+def model_sources(config: SegmenterConfig) -> dict[str, str]:
+    if is_scratch(segmenter_source(config)):  # both models are made at random
+        return {"segmenter.source": segmenter_source(config)}
+    det, sam = grounded_sources(segmenter_source(config), config.options.sam_source)
+    return {"segmenter.source": det, "segmenter.sam_source": sam}
+
+
+def check(config: SegmenterConfig, read_model_config: Callable[[str], Any], where: str) -> None:
+    """Its SAM must be a SAM."""
+    sam_where = model_sources(config)["segmenter.sam_source"]
+    sam = read_model_config(sam_where)
+    if sam is not None and sam.model_type != "sam":
+        raise config_error(
+            "segmenter.sam_source",
+            f"{sam_where} holds a {sam.model_type!r} model; grounded_sam needs a SAM ('sam', e.g. {DEFAULT_SAM})",
+            where,
+        )
+
+
+BACKEND = Backend(
+    name="grounded_sam",
+    summary="Grounding DINO boxes + SAM masks: sharp edges, only boxed things labelled; a GPU recommended",
+    default_source=DEFAULT_GROUNDING_DINO,
+    modes=("instances",),
+    model_types=("grounding-dino", "mm-grounding-dino"),
+    load=lambda source, config, flag="--segmenter": load_parts(source, config.options.sam_source, flag),
+    make=make,
+    assemble=assemble,
+    scratch_sizes={"tiny": {}},
+    options=GroundedSamOptions,
+    rules={"box_threshold": between(0, 1), "text_threshold": between(0, 1), "sam_source": NON_EMPTY},
+    model_sources=model_sources,
+    check=check,
+    path_options=("sam_source",),
+)

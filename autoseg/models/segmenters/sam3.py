@@ -16,6 +16,7 @@ Loads ``Sam3Model`` weights and ``Sam3LiteTextModel`` weights (the lighter text 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from transformers import AutoConfig, Sam3LiteTextModel, Sam3Model, Sam3Processor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from autoseg.models.loading import load_pretrained
+from autoseg.models.scratch import make_sam3
 from autoseg.models.segmenters.base import (
     TEXT_CACHE_SIZE,
     Instances,
@@ -35,6 +37,8 @@ from autoseg.models.segmenters.base import (
     merge_best,
     pair_chunks,
 )
+from autoseg.models.segmenters.spec import Backend, SegmenterConfig, segmenter_mode
+from autoseg.utils.settings import between
 
 DEFAULT_SAM3 = "facebook/sam3"
 SAM3_MODES = ("semantic", "instances")
@@ -97,8 +101,7 @@ class Sam3Segmenter(PerNameSegmenter):
     def from_pretrained(
         cls, source: str = DEFAULT_SAM3, device: str | torch.device = "cpu", dtype=torch.float32, **kwargs
     ) -> Sam3Segmenter:
-        model = load_pretrained(source, "SAM 3 segmenter", load_sam3_model, "--segmenter")
-        processor = load_pretrained(source, "SAM 3 processor", Sam3Processor.from_pretrained, "--segmenter")
+        model, processor = load(source)
         return cls(model.to(device=device, dtype=dtype), processor, **kwargs)
 
     def backbone(self) -> list[nn.Module]:
@@ -191,9 +194,14 @@ class Sam3Segmenter(PerNameSegmenter):
         return out.pred_masks, scores
 
     @torch.inference_mode()
-    def segment(self, images: Sequence[Image.Image], vocabularies: Sequence[Sequence[str]]) -> list[np.ndarray]:
+    def segment(
+        self,
+        images: Sequence[Image.Image],
+        vocabularies: Sequence[Sequence[str]],
+        threshold: float | None = None,
+    ) -> list[np.ndarray]:
         if self.mode == "semantic":
-            return super().segment(images, vocabularies)
+            return super().segment(images, vocabularies, threshold)
         out = [empty_map(im) for im in images]
         todo, names, features, text = self.encode_batch(images, vocabularies)
         found: list[list[Instances]] = [[] for _ in todo]
@@ -206,3 +214,60 @@ class Sam3Segmenter(PerNameSegmenter):
         for k, b in enumerate(todo):
             out[b] = merge_best(found[k], (images[b].height, images[b].width), self.max_instances, self.class_chunk)
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The backend's entry in the registry
+@dataclass
+class Sam3Options:
+    """SAM 3's own settings.
+
+    Attributes:
+        score_threshold: instances mode: keep instances with ``sigmoid(pred_logits) * sigmoid(presence_logits)``
+            above this.
+    """
+
+    score_threshold: float = 0.5
+
+
+def load(
+    source: str, config: SegmenterConfig | None = None, flag: str = "--segmenter"
+) -> tuple[Sam3Model | Sam3LiteTextModel, Sam3Processor]:
+    """The model (``Sam3Model`` or ``Sam3LiteTextModel``) and processor of a hub id or a local directory."""
+    model = load_pretrained(source, "SAM 3 segmenter", load_sam3_model, flag)
+    processor = load_pretrained(source, "SAM 3 processor", Sam3Processor.from_pretrained, flag)
+    return model, processor
+
+
+def assemble(parts: tuple, config: SegmenterConfig) -> Sam3Segmenter:
+    model, processor = parts
+    return Sam3Segmenter(
+        model,
+        processor,
+        mode=segmenter_mode(config),
+        threshold=config.threshold,
+        score_threshold=config.options.score_threshold,
+        max_instances=config.max_instances,
+        class_chunk=config.class_chunk,
+        pair_chunk=config.pair_chunk,
+    )
+
+
+BACKEND = Backend(
+    name="sam3",
+    summary="SAM 3: the strongest; semantic (per-name logits) or instances mode; needs a GPU",
+    default_source=DEFAULT_SAM3,
+    modes=SAM3_MODES,
+    model_types=tuple(MODEL_CLASSES),
+    load=load,
+    make=make_sam3,
+    assemble=assemble,
+    scratch_sizes={
+        "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=37, patch_size=8, image_size=64),
+        "small": dict(hidden_size=64, num_layers=4, num_heads=4, intermediate_size=128, patch_size=8, image_size=128),
+    },
+    options=Sam3Options,
+    rules={"score_threshold": between(0, 1)},
+    threshold_modes=("semantic",),
+    trainable=True,
+)

@@ -1,0 +1,115 @@
+"""``python -m autoseg.app`` (the command line of :mod:`autoseg.app`): start the demo page on a local web server and
+print its URL.
+
+With no ``--config``/``--preset`` it serves the shipped offline demo pipeline (``--preset demo``), so it works on a
+fresh install with no network. The model flags are those of ``infer.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from autoseg.cli.common import EXIT_OK, EXIT_USAGE, add_pipeline_args, config_from_args
+
+DEFAULT_PRESET = "demo"
+MAX_UPLOAD = "256mb"  # bytes per upload; the pixel limit is --max-pixels
+MAX_QUEUE = 64  # requests waiting for the models; more are refused with a "queue full" message
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m autoseg.app",
+        description="Interactive demo page: upload an image (or pick a sample), see the names AutoSeg finds, their "
+        f"masks and the clusters they came from; edit the names and re-segment. Default: --preset {DEFAULT_PRESET} "
+        "(offline demo models).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: the local network)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument(
+        "--samples",
+        type=Path,
+        metavar="DIR",
+        help="folder of sample images offered on the page (default: the ShapesWorld samples)",
+    )
+    return add_pipeline_args(p)
+
+
+def describe_source(args: argparse.Namespace) -> str:
+    """How the pipeline was chosen, as the flags that chose it (shown on the page)."""
+    flags = [f"--preset {args.preset}" if args.preset else f"--config {args.config}"]
+    keys = ("blip", "segmenter", "segmenter_backend", "enhancer")
+    flags += [f"--{key.replace('_', '-')} {getattr(args, key)}" for key in keys if getattr(args, key, None)]
+    return f"`{' '.join(flags)}`"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve the page until interrupted; returns 2 on usage/setup errors (reported before the models load)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio checks its own URL; not news
+    if args.config is None and args.preset is None:
+        args.preset = DEFAULT_PRESET
+    from autoseg.api import build_pipeline
+    from autoseg.app.backend import DemoBackend, sample_images
+    from autoseg.models.loading import ModelLoadError
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before Gradio is imported
+    try:
+        from autoseg.app.page import build_page
+    except ModuleNotFoundError as e:
+        if e.name != "gradio":
+            raise
+        print("autoseg.app: error: Gradio is not installed; pip install -e '.[app]' installs it", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be a positive number of pixels, got {args.max_pixels}")
+        if not 0 < args.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        config = config_from_args(args)
+        samples = sample_images(args.samples)
+        pipeline = build_pipeline(config, checked=True)
+    except (FileNotFoundError, ValueError, ModelLoadError, OSError) as e:
+        print(f"autoseg.app: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    backend = DemoBackend(pipeline, max_pixels=args.max_pixels)
+    page = build_page(backend, samples, source=describe_source(args))
+    page.queue(max_size=MAX_QUEUE)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl+C does (temporary files removed)
+    try:
+        try:
+            _, url, _ = page.launch(
+                server_name=args.host,
+                server_port=args.port,
+                prevent_thread_lock=True,
+                quiet=True,
+                max_file_size=MAX_UPLOAD,
+                footer_links=["api", "settings"],
+                run_history=False,
+                enable_monitoring=False,
+                ssr_mode=False,
+                mcp_server=False,
+                pwa=False,
+            )
+        except OSError as e:
+            print(f"autoseg.app: error: {args.host}:{args.port}: {e}; try another --port", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"AutoSeg demo page: {url}  (Ctrl+C stops it)", flush=True)
+        page.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        page.close()
+        backend.close()
+    return EXIT_OK
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
