@@ -71,8 +71,9 @@ class SegmenterConfig:
             pixel a name, as the original AutoSeg does.
         score_threshold: sam3 instances: keep instances with ``sigmoid(pred_logits) * sigmoid(presence_logits)``
             above this.
-        box_threshold: grounded_sam: keep boxes whose best name-token probability is above this.
-        text_threshold: grounded_sam: ... and whose name's mean token probability is above this.
+        box_threshold: grounded_sam: keep boxes whose name's best token probability (the box's score) is above this.
+        text_threshold: grounded_sam: ... and whose name's mean token probability is above this (a box's name: the
+            one with the highest mean).
         sam_source: grounded_sam: the SAM model (null: ``source``/sam of a combined folder, else ``DEFAULT_SAM``).
         max_instances: instances: at most this many best-scoring instances per image.
         image_size: clipseg: square input side (CLIPSeg's decoder needs a square patch grid). SAM 3, Grounding DINO
