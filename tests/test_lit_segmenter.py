@@ -245,3 +245,53 @@ def test_sam3_resizes_to_its_input_size_and_exports_what_infer_loads(tmp_path, b
     pixels = module._pixels(batch["image"])
     with torch.no_grad():
         torch.testing.assert_close(loaded.logits(pixels, CLASSES), module.segmenter.logits(pixels, CLASSES))
+
+
+def test_sam3_module_decodes_pair_chunks_with_the_logits_and_gradients_of_one_call(batch):
+    """2 images x 5 classes with pair_chunk 2: the DETR encoder and mask decoder never see more than 2 pairs (also
+    when the backward recomputes a chunk), autograd keeps no chunk's activations for the backward (memory bounded by
+    one chunk), and logits and head gradients equal those of all 10 pairs in one call."""
+    classes = CLASSES[:5]
+    module = SegmenterModule(segmenter="scratch:tiny", classes=classes, backend="sam3")
+    module.eval()  # dropout off: chunked and unchunked runs must not draw different masks
+    seg = module.segmenter
+    seen: list[int] = []  # pairs per call of each head part
+    hooks = [
+        seg.model.detr_encoder.register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state.shape[0])),
+        seg.model.mask_decoder.register_forward_hook(lambda m, a, out: seen.append(out.semantic_seg.shape[0])),
+    ]
+    head = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    mask = torch.where(batch["mask"] < 5, batch["mask"], 255)  # the other classes' pixels unscored
+
+    def run(pair_chunk):
+        seg.pair_chunk = pair_chunk
+        module.zero_grad()
+        seen.clear()
+        kept: dict[int, int] = {}  # storages autograd keeps for the backward: address -> bytes
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = module(batch["image"])
+        forward_calls = list(seen)
+        module.loss(logits, mask)["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in head if p.grad is not None}
+        return logits.detach(), grads, forward_calls, list(seen), sum(kept.values())
+
+    try:
+        whole, whole_grads, whole_calls, _, whole_kept = run(10)
+        chunked, chunked_grads, chunked_calls, all_calls, chunked_kept = run(2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert whole_calls == [10, 10]  # one DETR encoder and one mask decoder call for all pairs
+    assert chunked_calls == [2, 2] * 5 and max(all_calls) == 2
+    assert chunked_kept * 10 < whole_kept  # less than one pair's share of the activations (measured: 160 B vs 9.6 MB)
+    assert whole.shape == (2, 5, 64, 64)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert whole_grads.keys() == chunked_grads.keys()
+    assert any(n.endswith("semantic_projection.weight") for n in whole_grads)  # the semantic head gets gradients
+    for n, g in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)

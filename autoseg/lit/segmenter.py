@@ -4,8 +4,10 @@ Backends with per-name logits: ``clipseg`` (the CLIPSeg decoder; text embeddings
 ``sam3`` (SAM 3's DETR encoder and mask decoder, read through the per-name ``semantic_seg`` output). Per image the head
 scores every class name; the ``B x C x H x W`` logits are upsampled to the mask size and trained with per-pixel
 cross-entropy over the classes (``loss="ce"``), per-class binary cross-entropy (``"bce"``, CLIPSeg's own objective) or
-both (``"ce+bce"``), ignoring unscored pixels. The backbone (CLIP; SAM 3's ViT + FPN and text encoder) stays frozen
-unless ``unfreeze_backbone``. Validation: dataset-level mIoU of the argmax (``val/mIoU``). Export: a
+both (``"ce+bce"``), ignoring unscored pixels. The ``B x C`` (image, class) pairs are decoded the segmenter's
+``pair_chunk`` at a time, each chunk recomputed in the backward (``PerNameSegmenter.decode``), so the head's
+activations take one chunk's memory, not ``B x C`` pairs'. The backbone (CLIP; SAM 3's ViT + FPN and text encoder)
+stays frozen unless ``unfreeze_backbone``. Validation: dataset-level mIoU of the argmax (``val/mIoU``). Export: a
 ``save_pretrained`` directory (``model.safetensors`` + config + processor) for ``--segmenter DIR``.
 
 SAM 3's instance path (DETR decoder queries, boxes, ``pred_logits``, presence token, instance masks) is not trained
