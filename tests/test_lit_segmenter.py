@@ -4,8 +4,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from autoseg.data.datamodules import SegmentationDataModule, ShapesWorldSpec
+from autoseg.data.datamodules import DataSource, SegmentationDataModule, ShapesWorldSpec
 from autoseg.data.shapes import ShapesConfig
 from autoseg.lit import SegmenterModule
 from autoseg.models.segmenters import CLIPSegSegmenter
@@ -295,3 +296,28 @@ def test_sam3_module_decodes_pair_chunks_with_the_logits_and_gradients_of_one_ca
     assert any(n.endswith("semantic_projection.weight") for n in whole_grads)  # the semantic head gets gradients
     for n, g in whole_grads.items():
         torch.testing.assert_close(chunked_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_sam3_evaluation_feeds_the_pixels_inference_gives_the_original_images(tmp_path, monkeypatch, stage):
+    """data.image_size 48 is not SAM 3's 64 px side: evaluation images are still resized once, from the original, to
+    64 x 64 (what Sam3Segmenter.preprocess gives at inference), not to 48 and then again to 64."""
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    originals = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(50, 90), (70, 40)]]
+    for i, image in enumerate(originals):
+        image.save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 3, image.size[::-1], dtype=np.uint8)).save(tmp_path / "masks" / f"{i}.png")
+    dm = SegmentationDataModule(val=DataSource("folder", str(tmp_path)), image_size=48, batch_size=2, num_workers=0)
+    module = SegmenterModule(segmenter="scratch:tiny", classes=dm.classes, backend="sam3")
+    seg, fed = module.segmenter, []
+    encode = seg.encode_image
+    monkeypatch.setattr(seg, "encode_image", lambda pixels: (fed.append(pixels.detach().clone()), encode(pixels))[1])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    getattr(trainer, stage)(module, datamodule=dm, **({} if stage == "predict" else {"verbose": False}))
+    with torch.no_grad():
+        expected = seg.preprocess(originals)  # inference: SAM 3's processor on the original PIL images
+    assert expected.shape == (2, 3, 64, 64) and len(fed) == 1
+    torch.testing.assert_close(fed[0], expected, rtol=0, atol=1e-5)

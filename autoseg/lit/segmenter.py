@@ -176,12 +176,24 @@ class SegmenterModule(AutoSegModule):
             part.eval()
         return self
 
+    @property
+    def input_size(self) -> int | None:
+        """The square side the segmenter's processor resizes images to at inference (SAM 3), else None (any side).
+
+        The data module resizes evaluation images straight to it (one resize from the original, as at inference).
+        """
+        return self.segmenter.input_size
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits ``B x C x H x W`` (at the input size) of ``B x 3 x H x W`` images in [0, 1]."""
         return self._logits(self.segmenter.encode_image(self._pixels(images)), images.shape[-2:])
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels, resized to the model's input side when it needs one (SAM 3)."""
+        """Normalised pixels, resized to the model's input side when it needs one (SAM 3).
+
+        Only training crops (``data.image_size``) are resized here: the data module resizes evaluation images from
+        the original straight to :attr:`input_size`, the pixels ``Sam3Segmenter.preprocess`` gives at inference.
+        """
         side = self.segmenter.input_size
         if side is not None and tuple(images.shape[-2:]) != (side, side):
             images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
