@@ -4,8 +4,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from autoseg.data.datamodules import SegmentationDataModule, ShapesWorldSpec
+from autoseg.data.datamodules import DataSource, SegmentationDataModule, ShapesWorldSpec
 from autoseg.data.shapes import ShapesConfig
 from autoseg.lit import SegmenterModule
 from autoseg.models.segmenters import CLIPSegSegmenter
@@ -250,3 +251,78 @@ def test_sam3_resizes_to_its_input_size_and_exports_what_infer_loads(tmp_path, b
     pixels = module._pixels(batch["image"])
     with torch.no_grad():
         torch.testing.assert_close(loaded.logits(pixels, CLASSES), module.segmenter.logits(pixels, CLASSES))
+
+
+def test_sam3_module_decodes_pair_chunks_with_the_logits_and_gradients_of_one_call(batch):
+    """2 images x 5 classes with pair_chunk 2: the DETR encoder and mask decoder never see more than 2 pairs (also
+    when the backward recomputes a chunk), autograd keeps no chunk's activations for the backward (memory bounded by
+    one chunk), and logits and head gradients equal those of all 10 pairs in one call."""
+    classes = CLASSES[:5]
+    module = SegmenterModule(segmenter="scratch:tiny", classes=classes, backend="sam3")
+    module.eval()  # dropout off: chunked and unchunked runs must not draw different masks
+    seg = module.segmenter
+    seen: list[int] = []  # pairs per call of each head part
+    hooks = [
+        seg.model.detr_encoder.register_forward_hook(lambda m, a, out: seen.append(out.last_hidden_state.shape[0])),
+        seg.model.mask_decoder.register_forward_hook(lambda m, a, out: seen.append(out.semantic_seg.shape[0])),
+    ]
+    head = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    mask = torch.where(batch["mask"] < 5, batch["mask"], 255)  # the other classes' pixels unscored
+
+    def run(pair_chunk):
+        seg.pair_chunk = pair_chunk
+        module.zero_grad()
+        seen.clear()
+        kept: dict[int, int] = {}  # storages autograd keeps for the backward: address -> bytes
+
+        def pack(t):
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = module(batch["image"])
+        forward_calls = list(seen)
+        module.loss(logits, mask)["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in head if p.grad is not None}
+        return logits.detach(), grads, forward_calls, list(seen), sum(kept.values())
+
+    try:
+        whole, whole_grads, whole_calls, _, whole_kept = run(10)
+        chunked, chunked_grads, chunked_calls, all_calls, chunked_kept = run(2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert whole_calls == [10, 10]  # one DETR encoder and one mask decoder call for all pairs
+    assert chunked_calls == [2, 2] * 5 and max(all_calls) == 2
+    assert chunked_kept * 10 < whole_kept  # less than one pair's share of the activations (measured: 160 B vs 9.6 MB)
+    assert whole.shape == (2, 5, 64, 64)
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert whole_grads.keys() == chunked_grads.keys()
+    assert any(n.endswith("semantic_projection.weight") for n in whole_grads)  # the semantic head gets gradients
+    for n, g in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[n], g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_sam3_evaluation_feeds_the_pixels_inference_gives_the_original_images(tmp_path, monkeypatch, stage):
+    """data.image_size 48 is not SAM 3's 64 px side: evaluation images are still resized once, from the original, to
+    64 x 64 (what Sam3Segmenter.preprocess gives at inference), not to 48 and then again to 64."""
+    rng = np.random.default_rng(0)
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "classes.txt").write_text("a\nb\nc\n")
+    originals = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(50, 90), (70, 40)]]
+    for i, image in enumerate(originals):
+        image.save(tmp_path / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 3, image.size[::-1], dtype=np.uint8)).save(tmp_path / "masks" / f"{i}.png")
+    dm = SegmentationDataModule(val=DataSource("folder", str(tmp_path)), image_size=48, batch_size=2, num_workers=0)
+    module = SegmenterModule(segmenter="scratch:tiny", classes=dm.classes, backend="sam3")
+    seg, fed = module.segmenter, []
+    encode = seg.encode_image
+    monkeypatch.setattr(seg, "encode_image", lambda pixels: (fed.append(pixels.detach().clone()), encode(pixels))[1])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    getattr(trainer, stage)(module, datamodule=dm, **({} if stage == "predict" else {"verbose": False}))
+    with torch.no_grad():
+        expected = seg.preprocess(originals)  # inference: SAM 3's processor on the original PIL images
+    assert expected.shape == (2, 3, 64, 64) and len(fed) == 1
+    torch.testing.assert_close(fed[0], expected, rtol=0, atol=1e-5)

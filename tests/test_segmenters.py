@@ -220,3 +220,30 @@ def test_template_text_features_equal_clips_own_forward_on_the_full_prompts(tiny
             prompts = seg.tokenize([t.format(name) for t in templates])
             stock = seg.model.clip.get_text_features(**prompts).pooler_output  # T x E
             torch.testing.assert_close(got[c], stock, rtol=1e-5, atol=1e-5)
+
+
+def test_text_features_pool_where_transformers_does_when_the_end_token_never_occurs(tiny_clipseg_dir, tmp_path):
+    """A config whose ``eos_token_id`` the tokenizer never emits: transformers pools every prompt at position 0
+    (``(ids == eos).argmax()`` of an all-False row); the cached-prefix features and the segmenter's text embeddings
+    equal ``get_text_features`` on the full prompts, where they used to fail on ``ids.index(eos)``."""
+    from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
+
+    model = CLIPSegForImageSegmentation.from_pretrained(str(tiny_clipseg_dir))
+    processor = CLIPSegProcessor.from_pretrained(str(tiny_clipseg_dir))
+    never = processor.tokenizer.convert_tokens_to_ids("§")  # a byte token no ASCII text tokenises to
+    model.config.text_config.eos_token_id = never
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    templates, names = ["a photo of a {}.", "{}", "there is a {} in the scene."], ["dog", "zebra crossing", "x"]
+    seg = CLIPSegSegmenter.from_pretrained(str(tmp_path), image_size=64, templates=templates)
+    text_model, projection = seg.model.clip.text_model, seg.model.clip.text_projection
+    assert text_model.eos_token_id == never != processor.tokenizer.eos_token_id
+    with torch.inference_mode():
+        got = template_text_features(text_model, projection, seg.processor.tokenizer, templates, names)
+        embeddings = seg.text_embeddings(names)
+        for c, name in enumerate(names):
+            prompts = seg.tokenize([t.format(name) for t in templates])
+            assert not (prompts["input_ids"] == never).any()
+            stock = seg.model.clip.get_text_features(**prompts).pooler_output  # T x E, pooled at position 0
+            torch.testing.assert_close(got[c], stock, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(embeddings[c], stock.mean(0), rtol=1e-5, atol=1e-5)

@@ -69,6 +69,26 @@ def test_boxes_are_kept_by_both_thresholds_and_named_by_their_best_name():
     assert label.tolist() == [1, 2]
 
 
+def test_a_box_is_scored_by_the_tokens_of_the_name_it_is_given():
+    """The box threshold and the merge score use the chosen name's own best token, not another name's."""
+    seg = GroundedSamSegmenter.__new__(GroundedSamSegmenter)
+    seg.box_threshold, seg.text_threshold = 0.5, 0.3
+    spans, labels = [[1, 2], [4]], [1, 2]  # name 1 = tokens 1 and 2, name 2 = token 4
+    probs = torch.tensor(
+        [
+            [0.0, 0.9, 0.1, 0.0, 0.6, 0.0],  # means 0.5 vs 0.6: name 2, whose token is 0.6 (name 1 has the 0.9)
+            [0.0, 0.7, 0.0, 0.0, 0.4, 0.0],  # means 0.35 vs 0.4: name 2, whose best token 0.4 fails the box threshold
+            [0.0, 0.8, 0.6, 0.0, 0.2, 0.0],  # means 0.7 vs 0.2: name 1, best token 0.8
+        ]
+    )
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2]] * 3)
+    _, score, label = seg.keep_boxes(probs, boxes, spans, labels, Image.new("RGB", (10, 10)))
+    assert label.tolist() == [2, 1]  # query 1 dropped
+    expected = torch.stack([probs[0, [4]].max(), probs[2, [1, 2]].max()])  # each kept box's own name's best token
+    torch.testing.assert_close(score, expected)
+    torch.testing.assert_close(score, torch.tensor([0.6, 0.8]))
+
+
 def test_sam_masks_match_the_stock_processor_and_merge_by_score(gsam_dir, monkeypatch):
     """Hand-made detections: SAM's masks and their unpadding agree with SamProcessor + SamModel + post_process_masks."""
     seg = load(gsam_dir)

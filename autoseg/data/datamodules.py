@@ -305,7 +305,8 @@ class SegmentationDataModule(L.LightningDataModule):
         shapesworld: generate ShapesWorld train/val into a cache folder instead of ``train``/``val``.
         class_names: class names; only needed for ``shards`` whose folder has no ``classes.txt`` (the ``classes``
             property gives them for every source).
-        image_size: square side the models see (BLIP: a multiple of its patch size).
+        image_size: square side the models see (BLIP: a multiple of its patch size). Evaluation splits of a model with
+            a fixed input side (its ``input_size``, e.g. SAM 3) are resized to that side instead.
         crop_scale: area range of the training random resized crop.
         hflip: random horizontal flips when training.
         batch_size: training batch size (per process).
@@ -350,7 +351,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.shapesworld = shapesworld
         self._classes = list(class_names) if class_names else None
         self._readers: dict[tuple, Any] = {}  # built readers, by source
-        self._datasets: dict[str, Any] = {}  # transformed datasets, by split
+        self._datasets: dict[tuple[str, int], Any] = {}  # transformed datasets, by split and side
 
     # ------------------------------------------------------------------ what the model needs to know
     @property
@@ -394,15 +395,27 @@ class SegmentationDataModule(L.LightningDataModule):
             self._readers[key] = build_dataset(src.dataset, Path(src.root).expanduser(), src.split, src.limit)
         return self._readers[key]
 
-    def _build(self, stage: str) -> Dataset | IterableDataset:
+    def _side(self, split: str) -> int:
+        """Square side of a split's images: ``image_size``, or for val / test / predict the attached model's
+        ``input_size`` when it has one (SAM 3), so that each image is resized once, from the original, to the pixels
+        the model's processor gives at inference (``image_size`` and then the model's own resize would blur them)."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        side = getattr(model, "input_size", None)
+        return side if side is not None and split != "train" else self.hparams.image_size
+
+    def _dataset(self, split: str) -> Dataset | IterableDataset:
+        key = (split, self._side(split))
+        if key not in self._datasets:
+            self._datasets[key] = self._build(split, key[1])
+        return self._datasets[key]
+
+    def _build(self, stage: str, side: int) -> Dataset | IterableDataset:
         src = self.sources[stage]
         if src is None:
             raise ValueError(f"no '{stage}' data configured; set data.{stage} (or data.shapesworld) in the config")
         train = stage == "train"
         transform = _KeepCaptions(
-            SegmentationTransform(
-                self.hparams.image_size, train=train, scale=self.hparams.crop_scale, hflip=self.hparams.hflip
-            )
+            SegmentationTransform(side, train=train, scale=self.hparams.crop_scale, hflip=self.hparams.hflip)
         )
         if src.dataset == "images":
             return _Mapped(ImageFolder(Path(src.root).expanduser(), src.limit), transform)
@@ -420,13 +433,11 @@ class SegmentationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         for split in wanted.get(stage or "fit", ("train", "val")):
-            if split not in self._datasets and self.sources[split] is not None:
-                self._datasets[split] = self._build(split)
+            if self.sources[split] is not None:
+                self._dataset(split)
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        if split not in self._datasets:
-            self._datasets[split] = self._build(split)
-        ds = self._datasets[split]
+        ds = self._dataset(split)
         bs = self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size)
         workers = {"num_workers": self.hparams.num_workers, "persistent_workers": self.hparams.num_workers > 0}
         if not train or isinstance(ds, IterableDataset):

@@ -4,8 +4,10 @@ Backends with per-name logits: ``clipseg`` (the CLIPSeg decoder; text embeddings
 ``sam3`` (SAM 3's DETR encoder and mask decoder, read through the per-name ``semantic_seg`` output). Per image the head
 scores every class name; the ``B x C x H x W`` logits are upsampled to the mask size and trained with per-pixel
 cross-entropy over the classes (``loss="ce"``), per-class binary cross-entropy (``"bce"``, CLIPSeg's own objective) or
-both (``"ce+bce"``), ignoring unscored pixels. The backbone (CLIP; SAM 3's ViT + FPN and text encoder) stays frozen
-unless ``unfreeze_backbone``. Validation: dataset-level mIoU of the argmax (``val/mIoU``). Export: a
+both (``"ce+bce"``), ignoring unscored pixels. The ``B x C`` (image, class) pairs are decoded the segmenter's
+``pair_chunk`` at a time, each chunk recomputed in the backward (``PerNameSegmenter.decode``), so the head's
+activations take one chunk's memory, not ``B x C`` pairs'. The backbone (CLIP; SAM 3's ViT + FPN and text encoder)
+stays frozen unless ``unfreeze_backbone``. Validation: dataset-level mIoU of the argmax (``val/mIoU``). Export: a
 ``save_pretrained`` directory (``model.safetensors`` + config + processor) for ``--segmenter DIR``.
 
 SAM 3's instance path (DETR decoder queries, boxes, ``pred_logits``, presence token, instance masks) is not trained
@@ -155,12 +157,24 @@ class SegmenterModule(AutoSegModule):
             part.eval()
         return self
 
+    @property
+    def input_size(self) -> int | None:
+        """The square side the segmenter's processor resizes images to at inference (SAM 3), else None (any side).
+
+        The data module resizes evaluation images straight to it (one resize from the original, as at inference).
+        """
+        return self.segmenter.input_size
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits ``B x C x H x W`` (at the input size) of ``B x 3 x H x W`` images in [0, 1]."""
         return self._logits(self.segmenter.encode_image(self._pixels(images)), images.shape[-2:])
 
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels, resized to the model's input side when it needs one (SAM 3)."""
+        """Normalised pixels, resized to the model's input side when it needs one (SAM 3).
+
+        Only training crops (``data.image_size``) are resized here: the data module resizes evaluation images from
+        the original straight to :attr:`input_size`, the pixels ``Sam3Segmenter.preprocess`` gives at inference.
+        """
         side = self.segmenter.input_size
         if side is not None and tuple(images.shape[-2:]) != (side, side):
             images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)

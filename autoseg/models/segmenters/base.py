@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 TEXT_CACHE_SIZE = 4096  # names whose text embedding is kept (least recently used dropped first)
 
@@ -254,11 +255,25 @@ class PerNameSegmenter(Segmenter):
         return super().train(mode)
 
     def decode(self, features: Any, text: Any) -> torch.Tensor:
-        """Every (image, name) pair in one decoder call: ``B x C x h x w`` logits."""
+        """Every (image, name) pair, ``pair_chunk`` pairs per decoder call: ``B x C x h x w`` logits.
+
+        While autograd records (training) and there is more than one chunk, each chunk runs under activation
+        checkpointing: its activations are freed after its forward and recomputed (again one chunk at a time) in the
+        backward, so memory holds one chunk's activations plus the ``B x C`` logits, not ``B x C`` pairs' activations.
+        """
         b, c = self.num_images(features), self.num_names(text)
         image_index = torch.arange(b).repeat_interleave(c)
         name_index = torch.arange(c).repeat(b)
-        logits = self.decode_pairs(features, text, image_index, name_index)  # (B C) x h x w
+        chunk = max(1, self.pair_chunk)
+        recompute = torch.is_grad_enabled() and b * c > chunk
+        parts = []
+        for start in range(0, b * c, chunk):
+            pairs = (features, text, image_index[start : start + chunk], name_index[start : start + chunk])
+            if recompute:
+                parts.append(checkpoint(self.decode_pairs, *pairs, use_reentrant=False))
+            else:
+                parts.append(self.decode_pairs(*pairs))
+        logits = torch.cat(parts)  # (B C) x h x w, image-major
         return logits.view(b, c, *logits.shape[-2:])
 
     def logits(self, pixel_values: torch.Tensor, names: Sequence[str]) -> torch.Tensor:

@@ -24,11 +24,12 @@ def prefix_ids(tokenizer, template: str) -> list[int]:
 
 
 def pooled_index(text_model: nn.Module, ids: list[int]) -> int:
-    """Where transformers' CLIP text model pools: the highest id for the legacy ``eos_token_id == 2``, else the first
-    end token."""
+    """Where transformers' CLIP text model pools: the (first) highest id for the legacy ``eos_token_id == 2``, else
+    the first end token, or position 0 when there is none (``(ids == eos).int().argmax()`` of an all-zero row)."""
     if text_model.eos_token_id == 2:
         return max(range(len(ids)), key=lambda i: (ids[i], -i))
-    return ids.index(text_model.eos_token_id)
+    eos = text_model.eos_token_id
+    return ids.index(eos) if eos in ids else 0
 
 
 def heads(att: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,10 +1,11 @@
 """Grounded SAM backend: Grounding DINO finds boxes for the vocabulary names, SAM turns each box into a mask.
 
 Per image the names are joined into Grounding DINO's text prompt (``"cat. dog. red car."``; split over several prompts
-when they exceed its ``max_text_len`` tokens). A query box is kept when its best name-token probability exceeds
-``box_threshold``; its name is the one whose tokens have the highest mean probability, which must exceed
-``text_threshold``. SAM encodes each image once and decodes a mask per kept box (single-mask output, at 256 x 256
-over SAM's 1024 px padded input); the masks are merged by score (the box's probability) as for SAM 3 instances.
+when they exceed its ``max_text_len`` tokens). Each query box is given the name whose tokens have the highest mean
+probability; the box's score is that name's best token probability. The box is kept when the name's mean exceeds
+``text_threshold`` and its score exceeds ``box_threshold`` (name, threshold test and score all come from the same
+name's tokens). SAM encodes each image once and decodes a mask per kept box (single-mask output, at 256 x 256 over
+SAM's 1024 px padded input); the masks are merged by score as for SAM 3 instances.
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ class GroundedSamSegmenter(Segmenter):
         detector_processor: its processor (image resizing and the BERT tokenizer).
         sam: a ``SamModel``.
         sam_processor: its ``SamProcessor``.
-        box_threshold: keep a box whose best name-token probability exceeds this.
-        text_threshold: ... and whose best name's mean token probability exceeds this.
+        box_threshold: keep a box whose name's best token probability (its score) exceeds this.
+        text_threshold: ... and whose name's mean token probability exceeds this (the name: the highest mean).
         max_instances: at most this many best-scoring boxes per image go to SAM.
         class_chunk: masks upsampled to full image size at a time.
         pair_chunk: (image, prompt) rows per Grounding DINO call and boxes per SAM call.
@@ -186,6 +187,9 @@ class GroundedSamSegmenter(Segmenter):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Boxes of one prompt above the thresholds, their score and name.
 
+        A box's name is the one with the highest mean token probability (must exceed ``text_threshold``); its score
+        is that name's best token probability (must exceed ``box_threshold``).
+
         Args:
             probs: ``Q x T`` token probabilities of the queries.
             boxes: ``Q x 4`` (cx, cy, w, h) relative to the image.
@@ -193,10 +197,10 @@ class GroundedSamSegmenter(Segmenter):
             labels: per name its label.
         """
         none = probs.new_full(probs.shape[:1], -1.0)  # a name truncated away is never chosen
-        per_name = torch.stack([probs[:, s].mean(-1) if s else none for s in spans], 1)  # Q x C
-        tokens = sorted({t for s in spans for t in s})
-        score = probs[:, tokens].max(-1).values if tokens else none  # Q
-        name_score, name = per_name.max(1)
+        mean = torch.stack([probs[:, s].mean(-1) if s else none for s in spans], 1)  # Q x C
+        best = torch.stack([probs[:, s].max(-1).values if s else none for s in spans], 1)  # Q x C
+        name_score, name = mean.max(1)
+        score = best.gather(1, name[:, None])[:, 0]  # Q: the chosen name's own best token
         keep = (score > self.box_threshold) & (name_score > self.text_threshold)
         cx, cy, w, h = boxes[keep].unbind(-1)
         size = torch.tensor([image.width, image.height] * 2, dtype=torch.float32, device=boxes.device)
@@ -279,8 +283,9 @@ class GroundedSamOptions:
     """Grounded SAM's own settings.
 
     Attributes:
-        box_threshold: keep a box whose best name-token probability is above this.
-        text_threshold: ... and whose name's mean token probability is above this.
+        box_threshold: keep a box whose name's best token probability (the box's score) is above this.
+        text_threshold: ... and whose name's mean token probability is above this (a box's name: the one with the
+            highest mean).
         sam_source: the SAM model (null: the ``sam/`` of a combined ``source`` folder, else ``DEFAULT_SAM``).
     """
 
