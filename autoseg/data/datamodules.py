@@ -314,6 +314,10 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         shuffle_buffer: shuffle buffer of training shards.
         seed: seed of the shard shuffles (other sampling follows ``seed_everything``).
+        max_bad_fraction: shards only: a corrupt sample is skipped with a warning naming the shard and the key, and
+            reading fails once more than this fraction of the samples read were bad (checked after
+            ``autoseg.data.shards.MIN_SAMPLES`` samples; 0: the first bad sample is fatal). Each DataLoader worker
+            and each DDP rank counts its own share (see :class:`autoseg.data.shards.SkipBadSamples`).
 
     The training order and augmentations of map-style sources (readers, folders, ShapesWorld) depend only on the run
     seed, the epoch and the item (:class:`EpochSampler`, :class:`SeededItems`), and the training loader resumes
@@ -337,8 +341,11 @@ class SegmentationDataModule(L.LightningDataModule):
         num_workers: int = 2,
         shuffle_buffer: int = 256,
         seed: int = 0,
+        max_bad_fraction: float = 0.01,
     ):
         super().__init__()
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"data.max_bad_fraction={max_bad_fraction}: expected a fraction in [0, 1]")
         self.save_hyperparameters()
         if shapesworld is not None:
             folder = shapesworld.folder()
@@ -423,7 +430,10 @@ class SegmentationDataModule(L.LightningDataModule):
             from autoseg.data.shards import shard_dataset
 
             urls = src.root if "{" in src.root else str(Path(src.root).expanduser())
-            base = shard_dataset(urls, shuffle=self.hparams.shuffle_buffer if train else 0, seed=self.hparams.seed)
+            shuffle = self.hparams.shuffle_buffer if train else 0
+            base = shard_dataset(
+                urls, shuffle=shuffle, seed=self.hparams.seed, max_bad_fraction=self.hparams.max_bad_fraction
+            )
             return _MappedIterable(base, transform, src.limit)
         reader = self._reader(src)
         if src.dataset == "folder" and (Path(reader.root) / "captions").is_dir():

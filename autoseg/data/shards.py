@@ -13,6 +13,10 @@ Shards are named ``shard-%06d.tar``; ``classes.txt`` is copied next to them. Not
 formats its file names with ``pattern % shard_number``, so the pattern must be a ``str`` (not a ``Path``) holding
 one ``%d``-style field; here each shard is written under a temporary name and renamed when complete.
 
+Reading (``shard_dataset``) skips a bad sample (unreadable image, mask of another size, missing member, broken tar)
+with a logged warning naming the shard and the key, and raises :class:`TooManyBadSamples` once more than
+``max_bad_fraction`` of the samples read were bad (see :class:`SkipBadSamples`).
+
 CLI: ``python -m autoseg.data.shards --folder DIR [--out DIR/shards] [--maxcount N]``.
 """
 
@@ -21,9 +25,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +40,10 @@ from tqdm import tqdm
 
 from autoseg.utils.io import IMAGE_EXTENSIONS, atomic_write, find_images, load_image
 
+logger = logging.getLogger(__name__)
+
 SHARD_PATTERN = "shard-%06d.tar"
+MIN_SAMPLES = 100  # samples read before the bad fraction is checked: one early bad sample does not abort a run
 MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 _RAW_IMAGE_FORMATS = {"PNG": "png", "JPEG": "jpg"}
 
@@ -169,6 +178,32 @@ def write_shards(
     return written
 
 
+class BadSampleError(ValueError):
+    """A shard sample that cannot be decoded; the message names its key and shard."""
+
+
+class TooManyBadSamples(RuntimeError):
+    """More than the allowed fraction of the shard samples read were bad; the message is one line."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # webdataset's tar stages append (stream, url) to the args of exceptions passing by
+        return self.message
+
+
+@contextmanager
+def _member(where: str, member: str) -> Iterator[None]:
+    """Turn any error decoding ``member`` (PIL and json raise many types) into a :class:`BadSampleError`."""
+    try:
+        yield
+    except BadSampleError:
+        raise
+    except Exception as e:
+        raise BadSampleError(f"{where}: {member} unreadable ({type(e).__name__}: {e})") from e
+
+
 def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """Decode a raw webdataset sample.
 
@@ -176,21 +211,94 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         ``dict(image=PIL RGB, mask=H x W int64 array, name=str, captions=dict or None)``.
 
     Raises:
-        ValueError: the sample has no image or mask; the message names the key and the shard.
+        BadSampleError: (a ``ValueError``) the sample has no image or mask, a member cannot be decoded, or the mask
+            is not single-channel or not the image's size; the message names the key and the shard.
     """
     where = f"sample {sample.get('__key__')!r} of {sample.get('__url__', '?')}"
-    data = sample.get("image.png", sample.get("image.jpg"))
-    if data is None or "mask.png" not in sample:
-        raise ValueError(f"{where}: expected members image.png|image.jpg and mask.png, found {sorted(sample)}")
-    with Image.open(io.BytesIO(data)) as im:
+    ext = "image.png" if "image.png" in sample else "image.jpg"
+    if ext not in sample or "mask.png" not in sample:
+        found = sorted(k for k in sample if not k.startswith("__"))
+        raise BadSampleError(f"{where}: expected members image.png|image.jpg and mask.png, found {found}")
+    with _member(where, ext), Image.open(io.BytesIO(sample[ext])) as im:
         image = ImageOps.exif_transpose(im).convert("RGB")
-    with Image.open(io.BytesIO(sample["mask.png"])) as m:
+    with _member(where, "mask.png"), Image.open(io.BytesIO(sample["mask.png"])) as m:
         if m.mode not in MASK_MODES:
-            raise ValueError(f"{where}: mask mode {m.mode}; expected single-channel ({'/'.join(MASK_MODES)})")
+            raise BadSampleError(f"{where}: mask mode {m.mode}; expected single-channel ({'/'.join(MASK_MODES)})")
         mask = np.asarray(m).astype(np.int64)
-    name = sample["name.txt"].decode("utf-8") if "name.txt" in sample else sample["__key__"]
-    captions = json.loads(sample["caption.json"]) if "caption.json" in sample else None
+    if mask.shape != (image.height, image.width):
+        raise BadSampleError(
+            f"{where}: mask is {mask.shape[1]}x{mask.shape[0]} but the image is {image.width}x{image.height}"
+        )
+    with _member(where, "name.txt / caption.json"):
+        name = sample["name.txt"].decode("utf-8") if "name.txt" in sample else sample["__key__"]
+        captions = json.loads(sample["caption.json"]) if "caption.json" in sample else None
     return {"image": image, "mask": mask, "name": name, "captions": captions}
+
+
+def _describe(exn: Exception) -> str:
+    """One line for an error webdataset reports (its tar stages append the stream object and the shard URL)."""
+    if isinstance(exn, BadSampleError):
+        text = str(exn)
+    else:
+        parts = "; ".join(str(a) for a in exn.args if isinstance(a, str | int)) or repr(exn)
+        text = f"{type(exn).__name__}: {parts}"
+    return " ".join(text.split())
+
+
+class SkipBadSamples:
+    """A webdataset error handler that skips bad samples with a warning and fails past a fraction of them.
+
+    webdataset's ``warn_and_continue`` names neither the shard nor the sample (PIL's message names a ``BytesIO``),
+    counts nothing and sleeps 0.5 s per warning, so this handler does the naming and counting itself. Each bad sample
+    is logged (``autoseg.data.shards`` logger, level WARNING) with its shard and key; once ``min_samples`` samples
+    were read, more than ``max_bad_fraction`` of them bad raises :class:`TooManyBadSamples`, as does a pass over
+    the shards that yields no good sample at all. A shard that cannot be opened (missing file, no permission) is a
+    configuration error and still raises at once.
+
+    The counts live in the handler object, so each DataLoader worker process (and each DDP rank) counts its own
+    share of the shards, over all the passes it makes (epochs, with persistent workers). A broken tar stream counts
+    once per error webdataset reports (a truncated member: usually two, plus the partial sample it leaves).
+
+    Args:
+        max_bad_fraction: largest tolerated fraction of bad samples (0: the first bad sample is fatal; 1: never fail).
+        min_samples: samples (good + bad) to read before the fraction is checked.
+    """
+
+    def __init__(self, max_bad_fraction: float = 0.01, min_samples: int = MIN_SAMPLES):
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise ValueError(f"max_bad_fraction={max_bad_fraction}: expected a fraction in [0, 1]")
+        self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
+        self.good = self.bad = 0
+        self.last = ""  # where and what the last bad sample was
+
+    def __call__(self, exn: Exception) -> bool:
+        """Count and log a bad sample and return True (continue), or raise (too many bad samples, no shard)."""
+        if isinstance(exn, TooManyBadSamples | FileNotFoundError | PermissionError | IsADirectoryError):
+            raise exn
+        self.bad += 1
+        self.last = _describe(exn)
+        logger.warning("skipped a bad shard sample (%d of %d so far): %s", self.bad, self.good + self.bad, self.last)
+        self._check()
+        return True
+
+    def passed(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Pipeline stage after decoding: count the good samples (a pass with only bad ones is an error)."""
+        good, bad = self.good, self.bad
+        for sample in samples:
+            self.good += 1
+            self._check()
+            yield sample
+        if self.good == good and self.bad > bad and self.max_bad_fraction < 1:
+            raise TooManyBadSamples(f"all {self.bad - bad} shard samples read in this pass were bad; last: {self.last}")
+
+    def _check(self) -> None:
+        total = self.good + self.bad
+        too_many = self.bad > self.max_bad_fraction * total
+        if self.bad and too_many and (self.max_bad_fraction == 0 or total >= self.min_samples):
+            raise TooManyBadSamples(
+                f"{self.bad} of {total} shard samples were bad ({self.bad / total:.1%} > max_bad_fraction "
+                f"{self.max_bad_fraction:g}); last: {self.last}"
+            )
 
 
 def shard_urls(urls: str | os.PathLike | Sequence[str | os.PathLike]) -> str | list[str]:
@@ -216,8 +324,10 @@ def shard_dataset(
     seed: int = 0,
     nodesplitter: Callable[[Iterable[Any]], Iterable[Any]] | None = wds.split_by_node,
     resampled: bool = False,
-    handler: Callable[[Exception], bool] = wds.reraise_exception,
+    handler: Callable[[Exception], bool] | None = None,
     empty_check: bool = True,
+    max_bad_fraction: float = 0.01,
+    min_samples: int = MIN_SAMPLES,
 ) -> wds.WebDataset:
     """A webdataset pipeline over shards that yields decoded samples (see ``decode_sample``).
 
@@ -228,9 +338,14 @@ def shard_dataset(
         seed: seed of both shuffles.
         nodesplitter: how shards are split between distributed ranks (``None`` = every rank reads all).
         resampled: sample shards with replacement forever (for step-based training).
-        handler: webdataset error handler (e.g. ``wds.warn_and_continue`` to skip broken samples).
+        handler: webdataset error handler; None: a :class:`SkipBadSamples` of ``max_bad_fraction`` and
+            ``min_samples`` (``wds.reraise_exception``: the first bad sample is fatal).
         empty_check: raise when a rank/worker gets no sample (e.g. fewer shards than ranks x workers).
+        max_bad_fraction: with the default handler, largest tolerated fraction of bad samples.
+        min_samples: with the default handler, samples read before that fraction is checked.
     """
+    budget = SkipBadSamples(max_bad_fraction, min_samples) if handler is None else None
+    handler = handler or budget
     dataset = wds.WebDataset(
         shard_urls(urls),
         shardshuffle=100 if shuffle > 0 else False,
@@ -243,7 +358,8 @@ def shard_dataset(
     )
     if shuffle > 0:
         dataset = dataset.shuffle(shuffle, seed=seed)
-    return dataset.map(decode_sample, handler=handler)
+    dataset = dataset.map(decode_sample, handler=handler)
+    return dataset.compose(budget.passed) if budget is not None else dataset
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
