@@ -1,6 +1,7 @@
 """Image reading (modes, EXIF, corrupt files), folder expansion and atomic writes."""
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -79,3 +80,76 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
         atomic_write(target, crash)
     assert target.read_text() == '{\n  "a": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
+
+
+# ------------------------------------------------------------------ outputs kept apart from inputs
+
+
+def test_check_apart_refuses_an_output_folder_that_is_in_or_around_an_input_folder(tmp_path):
+    from autoseg.utils.io import check_apart
+
+    img = tmp_path / "data" / "img"
+    (img / "sub").mkdir(parents=True)
+    for out in (img, img / "out", img / "sub" / "deep", tmp_path / "data", tmp_path):
+        with pytest.raises(ValueError) as err:
+            check_apart(out, [img], "input", "output folder")
+        msg = str(err.value)
+        assert str(out) in msg and str(img) in msg and "\n" not in msg, msg
+    for out, how in ((img, "is"), (img / "out", "is inside"), (tmp_path, "contains")):
+        with pytest.raises(ValueError, match=re.escape(f"o {out} {how} input folder {img}: ")):
+            check_apart(out, [img], "input", "o")
+
+
+def test_check_apart_allows_siblings_even_with_a_common_name_prefix(tmp_path):
+    from autoseg.utils.io import check_apart
+
+    (tmp_path / "a" / "img").mkdir(parents=True)
+    (tmp_path / "a" / "img" / "x.png").write_bytes(b"")
+    for out in (tmp_path / "a" / "img2", tmp_path / "a" / "im", tmp_path / "b" / "img", tmp_path / "a" / "img2" / "x"):
+        check_apart(out, [tmp_path / "a" / "img", tmp_path / "a" / "img" / "x.png"], "input", "output folder")
+    # a single file's folder may hold the output folder: only files given by name are read from there
+    check_apart(tmp_path / "a" / "img" / "out", [tmp_path / "a" / "img" / "x.png"], "input", "output folder")
+
+
+def test_check_apart_refuses_an_output_folder_holding_an_input_file(tmp_path):
+    from autoseg.utils.io import check_apart
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for rel in ("x.png", "sub/y.png"):
+        (tmp_path / "in" / rel).write_bytes(b"")
+        with pytest.raises(ValueError, match=r"holds input file .*" + rel):
+            check_apart(tmp_path / "in", [tmp_path / "in" / rel], "input", "output folder")
+    # a file that does not exist yet counts by its name
+    with pytest.raises(ValueError, match="holds input file"):
+        check_apart(tmp_path / "in", [tmp_path / "in" / "later.png"], "input", "output folder")
+
+
+def test_check_apart_resolves_symbolic_links(tmp_path):
+    from autoseg.utils.io import check_apart
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "img")  # the same folder under another name
+    (tmp_path / "img" / "x.png").write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.png").symlink_to(tmp_path / "img" / "x.png")
+    cases = [
+        (tmp_path / "alias", [tmp_path / "img"]),
+        (tmp_path / "img", [tmp_path / "alias"]),
+        (tmp_path / "alias" / "out", [tmp_path / "img"]),  # inside, through the alias
+        (tmp_path / "img", [tmp_path / "elsewhere" / "link.png"]),  # a linked file whose target is in the output
+    ]
+    for out, inputs in cases:
+        with pytest.raises(ValueError, match=re.escape(str(out))):
+            check_apart(out, inputs, "input", "output folder")
+    (tmp_path / "img" / "mine.png").symlink_to(tmp_path / "elsewhere" / "link.png")
+    with pytest.raises(ValueError, match="mine.png"):  # a link kept in the output folder is in it too
+        check_apart(tmp_path / "img", [tmp_path / "img" / "mine.png"], "input", "output folder")
+    check_apart(tmp_path / "elsewhere" / "out", [tmp_path / "alias"], "input", "output folder")
+
+
+def test_check_apart_names_what_the_caller_calls_its_folders(tmp_path):
+    from autoseg.utils.io import check_apart
+
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(ValueError, match=r"^predictions folder .* is inside dataset folder "):
+        check_apart(tmp_path / "ds" / "pred", [tmp_path / "ds"], "dataset", "predictions folder")

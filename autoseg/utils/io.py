@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,56 @@ def safe_relative(stem: str | os.PathLike, what: str = "name") -> Path:
             f"{what} {str(stem)!r}: expected a relative name without '..' (it must stay inside its folder)"
         )
     return p
+
+
+def check_apart(
+    output: str | os.PathLike, inputs: Sequence[str | os.PathLike], what_inputs: str, what_output: str
+) -> None:
+    """Refuse an output folder that would mix with the inputs, so that outputs never touch (or are read as) inputs.
+
+    An input folder (searched recursively) and the output folder must be disjoint: the output folder may not be it,
+    be inside it (a resumed run would read its own outputs) or contain it. An input file may not lie anywhere in the
+    output folder (an output could overwrite it); a file's own folder may hold the output folder. Paths are compared
+    with symbolic links resolved (``os.path.realpath``; the output folder need not exist yet); a linked input file
+    counts both where its link is and where it points. Folders sharing a name prefix (``img`` and ``img2``) are apart.
+
+    Args:
+        output: the output folder.
+        inputs: input files and folders as given (a path that does not exist counts as a file).
+        what_inputs: how messages call the inputs, e.g. "input" or "dataset".
+        what_output: how messages call the output folder, e.g. "output folder".
+
+    Raises:
+        ValueError: one line naming both paths.
+    """
+    out = os.path.realpath(output)
+    shown_out = _shown(output, out)
+    for given in inputs:
+        real = os.path.realpath(given)
+        if os.path.isdir(given):
+            how = "is inside" if _within(out, real) else "contains" if _within(real, out) else ""
+            if how:
+                how = "is" if out == real else how
+                raise ValueError(
+                    f"{what_output} {shown_out} {how} {what_inputs} folder {_shown(given, real)}: outputs would be "
+                    "read back as inputs or overwrite them; choose a folder apart from the inputs"
+                )
+            continue
+        linked_at = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(given))), os.path.basename(given))
+        if _within(real, out) or _within(linked_at, out):
+            raise ValueError(
+                f"{what_output} {shown_out} holds {what_inputs} file {_shown(given, real)}: an output could overwrite "
+                "it; choose a folder apart from the inputs"
+            )
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether absolute, normalised ``path`` is ``folder`` or inside it (by whole path components)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _shown(given: str | os.PathLike, real: str) -> str:
+    return str(given) if os.path.abspath(given) == real else f"{given} (= {real})"
 
 
 def prepare_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
