@@ -153,3 +153,17 @@ def test_check_apart_names_what_the_caller_calls_its_folders(tmp_path):
     (tmp_path / "ds").mkdir()
     with pytest.raises(ValueError, match=r"^predictions folder .* is inside dataset folder "):
         check_apart(tmp_path / "ds" / "pred", [tmp_path / "ds"], "dataset", "predictions folder")
+
+
+def test_float_image_with_nan_pixels_keeps_the_finite_pixels_brightness(tmp_path):
+    arr = np.array([[0.0, 1.0, 2.0, np.nan], [4.0, np.inf, -np.inf, 3.0]], np.float32)
+    Image.fromarray(arr, mode="F").save(tmp_path / "f.tif")
+    got = np.asarray(load_image(tmp_path / "f.tif"))[..., 0].astype(int)
+    # normalised over the finite pixels (0 .. 4); the others are black
+    np.testing.assert_array_equal(got, [[0, 64, 128, 0], [255, 0, 0, 191]])
+
+
+def test_float_image_without_a_finite_pixel_is_refused(tmp_path):
+    Image.fromarray(np.full((3, 4), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(ImageReadError, match=r"nan.tif: float image without a finite pixel"):
+        load_image(tmp_path / "nan.tif")

@@ -71,13 +71,22 @@ def save_image_atomic(path: str | os.PathLike, image: Image.Image, **save_kwargs
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """Scale 16-bit / 32-bit integer and float images to 8-bit grayscale by their value range."""
+    """Scale 16-bit / 32-bit integer and float images to 8-bit grayscale by their value range.
+
+    A float image is scaled by the range of its finite pixels (and at least 0 .. 1); NaN and infinite pixels are black.
+
+    Raises:
+        ValueError: a float image has no finite pixel.
+    """
     arr = np.asarray(image).astype(np.float64)
     if image.mode.startswith("I;16") or (image.mode == "I" and arr.max(initial=0) > 255):
         arr = arr / 65535.0 if arr.max(initial=0) <= 65535 else arr / arr.max()
     elif image.mode == "F":
-        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        finite = np.isfinite(arr)
+        if arr.size and not finite.any():
+            raise ValueError("float image without a finite pixel (all NaN or infinite): nothing to segment")
+        lo, hi = float(arr[finite].min(initial=0)), float(arr[finite].max(initial=1))
+        arr = (np.where(finite, arr, lo) - lo) / (hi - lo)  # NaN and infinite pixels: black
     else:
         arr = arr / 255.0
     return Image.fromarray(np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8), mode="L")
@@ -119,7 +128,10 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        im = _to_8bit(im)
+        try:
+            im = _to_8bit(im)
+        except ValueError as e:
+            raise ImageReadError(f"{path}: {e}") from e
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA"):
