@@ -1,6 +1,8 @@
 """Image reading (modes, EXIF, corrupt files), folder expansion and atomic writes."""
 
 import io
+import json
+import os
 import re
 
 import numpy as np
@@ -167,3 +169,15 @@ def test_float_image_without_a_finite_pixel_is_refused(tmp_path):
     Image.fromarray(np.full((3, 4), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
     with pytest.raises(ImageReadError, match=r"nan.tif: float image without a finite pixel"):
         load_image(tmp_path / "nan.tif")
+
+
+def test_json_of_undecodable_file_names_is_utf8_and_reads_back_equal(tmp_path):
+    from autoseg.utils.io import json_text
+
+    name = os.fsdecode(b"bad\xff\xfe.png")  # how Python sees a Linux name that is not UTF-8
+    obj = {"input": name, "café": ["über", name]}
+    text = json_text(obj)
+    assert "café" in text and "\\udcff\\udcfe" in text
+    assert json.loads(text.encode("utf-8")) == obj
+    atomic_write_json(tmp_path / "m.json", obj)
+    assert json.loads((tmp_path / "m.json").read_text(encoding="utf-8")) == obj

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from autoseg.utils.io import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from autoseg.utils.io import atomic_write_json, atomic_write_text, json_text, remove_stale_temporaries
 
 
 class OutputBusyError(ValueError):
@@ -96,7 +96,7 @@ class RunManifest:
             self._write_manifest(complete=False)
             rank_files = _rank_files(self.out_dir)
             if rank_files:
-                text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.earlier.values())
+                text = "".join(json_text(e) + "\n" for e in self.earlier.values())
                 atomic_write_text(self.out_dir / self.LINES, text)
                 for f in rank_files:
                     f.unlink()
@@ -104,7 +104,7 @@ class RunManifest:
 
     def record(self, entry: dict) -> None:
         """Append the final status of one input (one ``write`` of one line: a kill leaves whole lines)."""
-        self._lines.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._lines.write(json_text(entry) + "\n")
         self._lines.flush()
         self.recorded[entry["output"]] = dict(entry)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -57,11 +58,27 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Write UTF-8 text atomically; a lone surrogate (an undecodable file-name byte) is written as ``\\udcXX``."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Write ``obj`` as indented JSON (:func:`json_text`) atomically."""
+    return atomic_write_text(path, json_text(obj, indent=2) + "\n")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as JSON text that always encodes as UTF-8 and reads back equal, non-ASCII names kept readable.
+
+    A file name that is not valid UTF-8 reaches Python with each undecodable byte as a lone surrogate
+    (``os.fsdecode``: ``b"\\xff"`` -> ``"\\udcff"``), which UTF-8 cannot encode; it is written as the JSON escape
+    ``\\udcff``, which ``json.loads`` turns back into the same string (and ``os.fsencode`` into the same bytes).
+    """
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def save_image_atomic(path: str | os.PathLike, image: Image.Image, **save_kwargs: Any) -> Path:
