@@ -11,6 +11,7 @@ The JSON is written last: an image's set counts as written only once its JSON ex
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ def write_prediction(
         OSError: a file could not be written (nothing of the set is left behind).
     """
     files = prediction_files(out_dir, stem)
+    _refuse_linked_folders(out_dir, files["record"])
     if pred.label_map.shape != (image.height, image.width):
         raise ValueError(f"label map {pred.label_map.shape} does not match image {(image.height, image.width)}")
     n = len(pred.vocabulary)
@@ -150,10 +152,35 @@ def write_prediction(
 
 
 def remove_prediction(out_dir: str | Path, stem: str | Path) -> None:
-    """Delete the files of prediction ``stem`` and the temporaries of a killed write (the JSON first)."""
-    for f in reversed(prediction_files(out_dir, stem).values()):
+    """Delete the files of prediction ``stem`` and the temporaries of a killed write (the JSON first).
+
+    Raises:
+        OSError: a sub-folder of ``out_dir`` on the way is a symbolic link (nothing is deleted through it).
+    """
+    files = prediction_files(out_dir, stem)
+    _refuse_linked_folders(out_dir, files["record"])
+    for f in reversed(files.values()):
         f.unlink(missing_ok=True)
         remove_stale_temporaries(f)
+
+
+def _refuse_linked_folders(out_dir: str | Path, file: Path) -> None:
+    """Refuse to write or delete ``file`` through a sub-folder of ``out_dir`` that is a symbolic link.
+
+    A set's own files are never followed (each is replaced or unlinked as a link), but a linked sub-folder would put
+    them, and the removal of an older set, into the folder it points to.
+
+    Raises:
+        OSError: ``ELOOP``, naming the link.
+    """
+    folder = Path(out_dir)
+    for part in file.relative_to(folder).parts[:-1]:
+        folder = folder / part
+        if folder.is_symlink():
+            raise OSError(
+                errno.ELOOP,
+                f"{folder} is a symbolic link inside the output folder; outputs are never written through one",
+            )
 
 
 def prediction_complete(out_dir: str | Path, stem: str | Path) -> list[str] | None:

@@ -1,0 +1,130 @@
+"""The output folder's own files: planted symbolic links are never followed.
+
+Each test reproduces a defect of the output-folder issue (it failed before the fix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_reliability import infer, make_photos, photo
+
+from autoseg.outputs import RunManifest, prediction_complete
+
+
+def victims(folder: Path, names) -> dict[Path, bytes]:
+    """A file per name outside the output folder, with known content."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for n in names:
+        (folder / n).write_bytes(f"victim {n}\n".encode())
+        out[folder / n] = (folder / n).read_bytes()
+    return out
+
+
+def unchanged(files: dict[Path, bytes]) -> bool:
+    return all(f.read_bytes() == content for f, content in files.items())
+
+
+def one_run(out: Path, rank: int = 0) -> None:
+    with RunManifest(out, {"config": {}}, rank=rank) as run:
+        entry = {"input": "a.png", "output": "a", "status": "pending"}
+        run.start([entry])
+        entry["status"] = "ok"
+        run.record(entry)
+        run.finish()
+
+
+# ------------------------------------------------------------------ planted symbolic links
+
+
+@pytest.mark.parametrize("name", [".autoseg.lock", "manifest.jsonl", "manifest.rank1.jsonl"])
+def test_a_linked_lock_or_status_file_is_refused_and_its_target_untouched(tmp_path, name):
+    kept = victims(tmp_path / "elsewhere", ["target"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / name).symlink_to(tmp_path / "elsewhere" / "target")
+    with pytest.raises(ValueError) as err:
+        one_run(out, rank=1 if "rank" in name else 0)
+    msg = str(err.value)
+    assert str(out / name) in msg and "symbolic link" in msg and "\n" not in msg, msg
+    assert unchanged(kept)
+    (out / name).unlink()
+    one_run(out)  # nothing was left locked
+    assert unchanged(kept)
+
+
+def test_a_dangling_linked_lock_creates_nothing_at_its_target(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".autoseg.lock").symlink_to(tmp_path / "planted")
+    with pytest.raises(ValueError, match="symbolic link"):
+        one_run(out)
+    assert not (tmp_path / "planted").exists()
+
+
+def test_a_hard_linked_lock_is_refused_and_not_truncated(tmp_path):
+    kept = victims(tmp_path / "elsewhere", ["target"])
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(tmp_path / "elsewhere" / "target", out / ".autoseg.lock")
+    with pytest.raises(ValueError, match=r"\.autoseg\.lock: .*link"):
+        one_run(out)
+    assert unchanged(kept)
+
+
+def test_a_linked_manifest_is_replaced_not_written_through(tmp_path):
+    kept = victims(tmp_path / "elsewhere", ["target"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").symlink_to(tmp_path / "elsewhere" / "target")
+    one_run(out)
+    assert unchanged(kept) and not (out / "manifest.json").is_symlink()
+    assert json.loads((out / "manifest.json").read_text())["inputs"][0]["output"] == "a"
+
+
+def test_infer_replaces_planted_output_links_and_leaves_their_targets_alone(tmp_path, tiny_blip_dir, tiny_clipseg_dir):
+    make_photos(tmp_path / "in", 2)
+    planted = ["p0.png", "p0.json", "p0_overlay.jpg", "manifest.json"]
+    kept = victims(tmp_path / "elsewhere", planted)
+    out = tmp_path / "out"
+    out.mkdir()
+    for n in planted:
+        (out / n).symlink_to(tmp_path / "elsewhere" / n)
+    assert infer(tmp_path / "in", out, tiny_blip_dir, tiny_clipseg_dir) == 0
+    assert unchanged(kept)
+    assert not any((out / n).is_symlink() for n in planted)
+    assert prediction_complete(out, "p0") is not None and prediction_complete(out, "p1") is not None
+
+
+def test_infer_into_a_folder_with_a_linked_lock_is_a_one_line_usage_error(
+    tmp_path, tiny_blip_dir, tiny_clipseg_dir, capsys
+):
+    make_photos(tmp_path / "in", 1)
+    kept = victims(tmp_path / "elsewhere", ["target"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".autoseg.lock").symlink_to(tmp_path / "elsewhere" / "target")
+    assert infer(tmp_path / "in", out, tiny_blip_dir, tiny_clipseg_dir) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("infer.py: error: ") and ".autoseg.lock" in err[-1] and "symbolic link" in err[-1]
+    assert unchanged(kept) and not (out / "p0.json").exists()
+
+
+def test_outputs_are_not_written_through_a_linked_sub_folder(tmp_path, tiny_blip_dir, tiny_clipseg_dir):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    photo(tmp_path / "in" / "top.png", 30, 30, 1)
+    photo(tmp_path / "in" / "sub" / "x.png", 30, 30, 2)
+    kept = victims(tmp_path / "elsewhere", ["x.png", "x.json"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(tmp_path / "elsewhere")
+    assert infer(tmp_path / "in", out, tiny_blip_dir, tiny_clipseg_dir) == 1  # that image fails, the other is done
+    assert unchanged(kept) and sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["x.json", "x.png"]
+    status = {e["output"]: e for e in json.loads((out / "manifest.json").read_text())["inputs"]}
+    assert status["top"]["status"] == "ok"
+    assert status["sub/x"]["status"] == "error" and "symbolic link" in status["sub/x"]["reason"]
+    assert str(out / "sub") in status["sub/x"]["reason"]
