@@ -1,4 +1,4 @@
-"""The output folder's own files: planted symbolic links are never followed.
+"""The output folder's own files: planted symbolic links are never followed, the lock goes away after a run.
 
 Each test reproduces a defect of the output-folder issue (it failed before the fix).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_reliability import infer, make_photos, photo
 
-from autoseg.outputs import RunManifest, prediction_complete
+from autoseg.outputs import OutputBusyError, RunManifest, prediction_complete
 
 
 def victims(folder: Path, names) -> dict[Path, bytes]:
@@ -128,3 +128,57 @@ def test_outputs_are_not_written_through_a_linked_sub_folder(tmp_path, tiny_blip
     assert status["top"]["status"] == "ok"
     assert status["sub/x"]["status"] == "error" and "symbolic link" in status["sub/x"]["reason"]
     assert str(out / "sub") in status["sub/x"]["reason"]
+
+
+# ------------------------------------------------------------------ the lock after a run
+
+
+def test_a_finished_run_leaves_no_lock_file(tmp_path, tiny_blip_dir, tiny_clipseg_dir):
+    make_photos(tmp_path / "in", 1)
+    assert infer(tmp_path / "in", tmp_path / "out", tiny_blip_dir, tiny_clipseg_dir) == 0
+    assert not (tmp_path / "out" / ".autoseg.lock").exists()
+    one_run(tmp_path / "out2")
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["manifest.json", "manifest.jsonl"]
+
+
+def test_the_lock_still_refuses_a_second_run_while_the_first_is_open(tmp_path):
+    with RunManifest(tmp_path) as first:
+        first.start([])
+        with pytest.raises(OutputBusyError, match=f"in use by another AutoSeg run \\(pid {os.getpid()}\\)"):
+            RunManifest(tmp_path).__enter__()
+        assert (tmp_path / ".autoseg.lock").exists()
+    assert not (tmp_path / ".autoseg.lock").exists()
+    with RunManifest(tmp_path):  # free again
+        pass
+
+
+def test_a_lock_file_removed_by_a_finishing_run_does_not_let_two_runs_in(tmp_path):
+    """A run that opened the old lock file just before the holder removed it must not lock that orphan file."""
+    import fcntl
+
+    from autoseg.outputs import manifest
+
+    real_flock, runs = fcntl.flock, []
+
+    def flock_after_the_holder_left(fd, op):
+        if not runs:  # the holder finishes between this run's open and its flock
+            runs.append(first)
+            first.__exit__(None, None, None)
+            second.__enter__()  # a third run now creates and locks a new lock file
+            runs.append(second)
+        return real_flock(fd, op)
+
+    first, second = RunManifest(tmp_path), RunManifest(tmp_path)
+    first.__enter__()
+    late = RunManifest(tmp_path)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(manifest.fcntl, "flock", flock_after_the_holder_left)
+        with pytest.raises(OutputBusyError):
+            late.__enter__()
+    second.__exit__(None, None, None)
+
+
+def test_a_killed_runs_lock_file_does_not_block_the_next_run(tmp_path):
+    (tmp_path / ".autoseg.lock").write_text("12345")  # what a SIGKILLed run leaves: the file, but no lock
+    one_run(tmp_path)
+    assert not (tmp_path / ".autoseg.lock").exists()

@@ -22,7 +22,8 @@ class RunManifest:
 
     - ``.autoseg.lock``: an exclusive lock held by the run's first process (rank 0) for the whole run; a second run
       into the same folder is refused (:class:`OutputBusyError`) instead of interleaving its files and manifest with
-      the first. The kernel drops the lock when the process dies, so a killed run never blocks its resume.
+      the first. The kernel drops the lock when the process dies, so a killed run never blocks its resume; a run that
+      ends removes the file (while still holding the lock).
     - ``manifest.jsonl`` (``manifest.rankR.jsonl`` for the other processes of a multi-device run): one line per input
       as soon as its status is final, appended (O(N) bytes in all); it survives a kill. Rank 0 folds the other ranks'
       files into ``manifest.jsonl`` when the next run starts.
@@ -78,11 +79,11 @@ class RunManifest:
         return self
 
     def __exit__(self, *exc) -> None:
-        """Close the status file; rank 0 releases the lock."""
+        """Close the status file; rank 0 removes the lock file while still holding the lock, then releases it."""
         if self._lines is not None:
             self._lines.close()
         if self._lock is not None:
-            os.close(self._lock)  # releases the lock
+            _drop_lock(self.out_dir / self.LOCK, self._lock)
         self._lines = self._lock = None
 
     def start(self, entries: list[dict]) -> None:
@@ -196,26 +197,54 @@ def _refuse_links(paths: list[Path]) -> None:
 def _take_lock(path: Path, out_dir: Path) -> int:
     """The descriptor of ``path`` locked exclusively, with this process's PID written in it.
 
+    A finishing run removes its lock file while holding the lock, so a file opened just before that removal may be an
+    orphan by the time it is locked: the lock counts only if ``path`` still names the locked file, else it is retried.
+
     Raises:
         OutputBusyError: another run holds the lock (the message gives its PID).
         ValueError: ``path`` is a link (see :func:`_open_own`).
     """
-    fd = _open_own(path, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise OutputBusyError(
-            f"output folder {out_dir} is in use by another AutoSeg run (pid {holder}); wait for it to finish "
-            "or choose another folder"
-        ) from None
-    except BaseException:
-        os.close(fd)
-        raise
+    while True:
+        fd = _open_own(path, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputBusyError(
+                f"output folder {out_dir} is in use by another AutoSeg run (pid {holder}); wait for it to finish "
+                "or choose another folder"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _names(path, fd):
+            break
+        os.close(fd)  # an orphan: its run removed it after this open; lock whatever the path names now
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` (not followed) is the file open as ``fd``."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _drop_lock(path: Path, fd: int) -> None:
+    """Remove the lock file while still holding its lock (no other run can hold it meanwhile), then release it."""
+    try:
+        if _names(path, fd):
+            path.unlink()
+    except OSError:
+        pass  # a lock file left behind is harmless: the lock itself is what counts
+    finally:
+        os.close(fd)
 
 
 def _open_for_append(path: Path):
