@@ -182,3 +182,60 @@ def test_a_killed_runs_lock_file_does_not_block_the_next_run(tmp_path):
     (tmp_path / ".autoseg.lock").write_text("12345")  # what a SIGKILLed run leaves: the file, but no lock
     one_run(tmp_path)
     assert not (tmp_path / ".autoseg.lock").exists()
+
+
+# ------------------------------------------------------------------ an input named like the run's own files
+
+
+def test_reserved_stems_are_escaped_injectively_at_the_top_level_only(tmp_path):
+    from autoseg.outputs import prediction_files
+
+    def names(stem):
+        return [p.relative_to(tmp_path).as_posix() for p in prediction_files(tmp_path, stem).values()]
+
+    assert names("manifest") == ["manifest~.png", "manifest~_overlay.jpg", "manifest~.json"]
+    assert names("manifest~") == ["manifest~~.png", "manifest~~_overlay.jpg", "manifest~~.json"]
+    assert names("Manifest")[2] == "Manifest~.json"  # manifest.json on a case-insensitive file system
+    for plain in ("sub/manifest", "manifests", "manifest.rank1", "a~", "~", "my_manifest"):
+        assert names(plain)[2] == f"{plain}.json"
+    stems = ["manifest", "manifest~", "manifest~~", "Manifest", "MANIFEST~", "manifests", "a", "a~", "sub/manifest"]
+    files = [f for s in stems for f in names(s)]
+    assert len(set(files)) == len(files)  # no two stems share a file
+    own = {RunManifest.LOCK, RunManifest.LINES, RunManifest.MANIFEST, "manifest.rank1.jsonl"}
+    assert not own & set(files)
+
+
+def test_an_input_named_manifest_keeps_its_own_files_and_the_run_manifest(tmp_path, tiny_blip_dir, tiny_clipseg_dir):
+    (tmp_path / "in").mkdir()
+    photo(tmp_path / "in" / "manifest.png", 30, 30, 1)
+    photo(tmp_path / "in" / "a.png", 30, 30, 2)
+    out = tmp_path / "out"
+    assert infer(tmp_path / "in", out, tiny_blip_dir, tiny_clipseg_dir, "--skip-existing") == 0
+    assert prediction_complete(out, "manifest") is not None
+    assert (out / "manifest~.json").is_file()
+    assert infer(tmp_path / "in", out, tiny_blip_dir, tiny_clipseg_dir, "--skip-existing") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "config" in manifest and manifest["complete"]
+    status = {e["output"]: e for e in manifest["inputs"]}
+    assert sorted(status) == ["a", "manifest"] and all(e.get("skipped") for e in status.values())
+
+
+def test_eval_scores_a_dataset_image_named_manifest(tmp_path, tiny_blip_dir, tiny_clipseg_dir):
+    import numpy as np
+    from PIL import Image
+
+    from autoseg.evaluate import main as eval_main
+
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("dog\ncat\n")
+    for name in ("manifest", "b"):
+        photo(root / "images" / f"{name}.png", 24, 20, 3)
+        Image.fromarray(np.ones((20, 24), np.uint8)).save(root / "masks" / f"{name}.png")
+    report = tmp_path / "r" / "report.json"
+    argv = ["--dataset", "folder", "--root", str(root), "--mapper", "exact", "--no-progress", "--report", str(report)]
+    argv += ["--config", str(Path(__file__).parents[1] / "configs/debug/pipeline.yaml"), "--blip", str(tiny_blip_dir)]
+    assert eval_main([*argv, "--segmenter", str(tiny_clipseg_dir)]) == 0
+    got = json.loads(report.read_text())
+    assert got["n_images"] == 2 and got["missing_predictions"] == []

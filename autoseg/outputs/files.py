@@ -96,9 +96,23 @@ def render_overlay(image: Image.Image, label_map: np.ndarray, vocabulary: list[s
     return canvas
 
 
+# Top-level names the run's bookkeeping uses (manifest.json beside the sets, see autoseg.outputs.manifest): an image
+# of that stem gets one more "~" (as does one whose name is such a name followed by "~"s, which keeps names distinct).
+RESERVED_STEMS = ("manifest",)
+
+
 def prediction_files(out_dir: str | Path, stem: str | Path) -> dict[str, Path]:
-    """The files of one prediction set: ``label_map`` (PNG), ``overlay`` (JPEG) and ``record`` (JSON, written last)."""
-    base = Path(out_dir) / safe_relative(stem, "output name")
+    """The files of one prediction set: ``label_map`` (PNG), ``overlay`` (JPEG) and ``record`` (JSON, written last).
+
+    They are ``STEM.png``, ``STEM_overlay.jpg`` and ``STEM.json``, except that a top-level stem that is a reserved name
+    (:data:`RESERVED_STEMS`, any case) followed by zero or more ``~`` gets one more ``~``: image ``manifest`` is
+    written as ``manifest~.json`` (the run's ``manifest.json`` stays its own), ``manifest~`` as ``manifest~~.json``;
+    no two stems share a file. Writers and readers both name files here.
+    """
+    rel = safe_relative(stem, "output name")
+    if len(rel.parts) == 1 and rel.name.rstrip("~").lower() in RESERVED_STEMS:
+        rel = rel.with_name(rel.name + "~")
+    base = Path(out_dir) / rel
     return {
         "label_map": base.with_name(base.name + ".png"),
         "overlay": base.with_name(base.name + "_overlay.jpg"),
