@@ -157,3 +157,55 @@ def test_infer_enhancer_flag_reports_a_missing_or_mismatched_head(tmp_path, tiny
     wrong = save_enhancer(EmbeddingEnhancer(EnhancerConfig(dim=24, width=8, num_heads=2)), tmp_path / "w.safetensors")
     assert main([*args, "--enhancer", str(wrong)]) == 2
     assert "trained on 24-d BLIP tokens but BLIP" in capsys.readouterr().err
+
+
+def with_config(path, **changes):
+    """Rewrite an enhancer file's metadata config with ``changes`` (the tensors stay those of the real head)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    config = {**json.loads(metadata["config"]), **changes}
+    save_file(tensors, str(path), metadata={**metadata, "config": json.dumps(config)})
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"dim": 10**9},
+        {"width": 10**9},
+        {"depth": 10**7},
+        {"mlp_ratio": 1e9},
+        {"pos_dim": 4 * 10**8},
+        {"num_heads": 0},
+        {"mlp_ratio": float("nan")},
+        {"depth": 1.5},
+        {"dim": True},
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_metadata_that_disagrees_with_the_tensors_is_refused_before_building_the_head(tmp_path, changes):
+    import time
+
+    head = EmbeddingEnhancer(EnhancerConfig(dim=8, width=8, depth=1, num_heads=2, pos_dim=4))
+    path = with_config(save_enhancer(head, tmp_path / "h.safetensors"), **changes)
+    start = time.perf_counter()
+    with pytest.raises(ValueError) as err:
+        load_enhancer(path)
+    msg = str(err.value)
+    assert str(path) in msg and f"{next(iter(changes))}=" in msg and "\n" not in msg, msg
+    assert time.perf_counter() - start < 5  # nothing of the declared size was allocated
+
+
+def test_a_huge_declared_head_is_a_one_line_infer_error(tmp_path, tiny_blip_dir, tiny_clipseg_dir, capsys):
+    from autoseg.cli.infer import main
+
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "red.png")
+    head = EmbeddingEnhancer(EnhancerConfig(dim=32, width=8, depth=1, num_heads=2, pos_dim=4))  # BLIP's width
+    path = with_config(save_enhancer(head, tmp_path / "h.safetensors"), width=10**9)
+    args = [str(tmp_path / "red.png"), "-o", str(tmp_path / "out"), "--config", "configs/debug/pipeline.yaml"]
+    args += ["--blip", str(tiny_blip_dir), "--segmenter", str(tiny_clipseg_dir), "--enhancer", str(path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("infer.py: error: ") and "h.safetensors" in err[-1] and "width" in err[-1]

@@ -1,6 +1,9 @@
 """Image reading (modes, EXIF, corrupt files), folder expansion and atomic writes."""
 
 import io
+import json
+import os
+import re
 
 import numpy as np
 import pytest
@@ -79,3 +82,102 @@ def test_atomic_write_keeps_old_content_on_failure(tmp_path):
         atomic_write(target, crash)
     assert target.read_text() == '{\n  "a": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
+
+
+# ------------------------------------------------------------------ outputs kept apart from inputs
+
+
+def test_check_apart_refuses_an_output_folder_that_is_in_or_around_an_input_folder(tmp_path):
+    from autoseg.utils.io import check_apart
+
+    img = tmp_path / "data" / "img"
+    (img / "sub").mkdir(parents=True)
+    for out in (img, img / "out", img / "sub" / "deep", tmp_path / "data", tmp_path):
+        with pytest.raises(ValueError) as err:
+            check_apart(out, [img], "input", "output folder")
+        msg = str(err.value)
+        assert str(out) in msg and str(img) in msg and "\n" not in msg, msg
+    for out, how in ((img, "is"), (img / "out", "is inside"), (tmp_path, "contains")):
+        with pytest.raises(ValueError, match=re.escape(f"o {out} {how} input folder {img}: ")):
+            check_apart(out, [img], "input", "o")
+
+
+def test_check_apart_allows_siblings_even_with_a_common_name_prefix(tmp_path):
+    from autoseg.utils.io import check_apart
+
+    (tmp_path / "a" / "img").mkdir(parents=True)
+    (tmp_path / "a" / "img" / "x.png").write_bytes(b"")
+    for out in (tmp_path / "a" / "img2", tmp_path / "a" / "im", tmp_path / "b" / "img", tmp_path / "a" / "img2" / "x"):
+        check_apart(out, [tmp_path / "a" / "img", tmp_path / "a" / "img" / "x.png"], "input", "output folder")
+    # a single file's folder may hold the output folder: only files given by name are read from there
+    check_apart(tmp_path / "a" / "img" / "out", [tmp_path / "a" / "img" / "x.png"], "input", "output folder")
+
+
+def test_check_apart_refuses_an_output_folder_holding_an_input_file(tmp_path):
+    from autoseg.utils.io import check_apart
+
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for rel in ("x.png", "sub/y.png"):
+        (tmp_path / "in" / rel).write_bytes(b"")
+        with pytest.raises(ValueError, match=r"holds input file .*" + rel):
+            check_apart(tmp_path / "in", [tmp_path / "in" / rel], "input", "output folder")
+    # a file that does not exist yet counts by its name
+    with pytest.raises(ValueError, match="holds input file"):
+        check_apart(tmp_path / "in", [tmp_path / "in" / "later.png"], "input", "output folder")
+
+
+def test_check_apart_resolves_symbolic_links(tmp_path):
+    from autoseg.utils.io import check_apart
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "img")  # the same folder under another name
+    (tmp_path / "img" / "x.png").write_bytes(b"")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "link.png").symlink_to(tmp_path / "img" / "x.png")
+    cases = [
+        (tmp_path / "alias", [tmp_path / "img"]),
+        (tmp_path / "img", [tmp_path / "alias"]),
+        (tmp_path / "alias" / "out", [tmp_path / "img"]),  # inside, through the alias
+        (tmp_path / "img", [tmp_path / "elsewhere" / "link.png"]),  # a linked file whose target is in the output
+    ]
+    for out, inputs in cases:
+        with pytest.raises(ValueError, match=re.escape(str(out))):
+            check_apart(out, inputs, "input", "output folder")
+    (tmp_path / "img" / "mine.png").symlink_to(tmp_path / "elsewhere" / "link.png")
+    with pytest.raises(ValueError, match="mine.png"):  # a link kept in the output folder is in it too
+        check_apart(tmp_path / "img", [tmp_path / "img" / "mine.png"], "input", "output folder")
+    check_apart(tmp_path / "elsewhere" / "out", [tmp_path / "alias"], "input", "output folder")
+
+
+def test_check_apart_names_what_the_caller_calls_its_folders(tmp_path):
+    from autoseg.utils.io import check_apart
+
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(ValueError, match=r"^predictions folder .* is inside dataset folder "):
+        check_apart(tmp_path / "ds" / "pred", [tmp_path / "ds"], "dataset", "predictions folder")
+
+
+def test_float_image_with_nan_pixels_keeps_the_finite_pixels_brightness(tmp_path):
+    arr = np.array([[0.0, 1.0, 2.0, np.nan], [4.0, np.inf, -np.inf, 3.0]], np.float32)
+    Image.fromarray(arr, mode="F").save(tmp_path / "f.tif")
+    got = np.asarray(load_image(tmp_path / "f.tif"))[..., 0].astype(int)
+    # normalised over the finite pixels (0 .. 4); the others are black
+    np.testing.assert_array_equal(got, [[0, 64, 128, 0], [255, 0, 0, 191]])
+
+
+def test_float_image_without_a_finite_pixel_is_refused(tmp_path):
+    Image.fromarray(np.full((3, 4), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(ImageReadError, match=r"nan.tif: float image without a finite pixel"):
+        load_image(tmp_path / "nan.tif")
+
+
+def test_json_of_undecodable_file_names_is_utf8_and_reads_back_equal(tmp_path):
+    from autoseg.utils.io import json_text
+
+    name = os.fsdecode(b"bad\xff\xfe.png")  # how Python sees a Linux name that is not UTF-8
+    obj = {"input": name, "café": ["über", name]}
+    text = json_text(obj)
+    assert "café" in text and "\\udcff\\udcfe" in text
+    assert json.loads(text.encode("utf-8")) == obj
+    atomic_write_json(tmp_path / "m.json", obj)
+    assert json.loads((tmp_path / "m.json").read_text(encoding="utf-8")) == obj

@@ -330,3 +330,58 @@ def test_run_timeout_flag_reaches_the_backend():
     args = p.parse_args(["--mapper", "llm", "--llm-endpoint", "http://127.0.0.1:1/v1", "--llm-run-timeout", "90"])
     m = mapper_from_args(args)
     assert m.backend.run_timeout == 90.0 and m.backend.query_timeout == 60.0 and m.progress
+
+
+# ----------------------------------------------------------------------------------------------- flag values
+
+
+BAD_FLAG_VALUES = [
+    ("--llm-timeout", "inf"),
+    ("--llm-timeout", "nan"),
+    ("--llm-timeout", "0"),
+    ("--llm-run-timeout", "inf"),
+    ("--llm-run-timeout", "nan"),
+    ("--llm-run-timeout", "-5"),
+    ("--embedding-threshold", "nan"),
+    ("--embedding-threshold", "inf"),
+    ("--embedding-threshold", "1.5"),
+    ("--embedding-margin", "nan"),
+    ("--embedding-margin", "-inf"),
+    ("--llm-retries", "-1"),
+    ("--llm-max-listed-classes", "0"),
+]
+
+
+@pytest.mark.parametrize(("flag", "value"), BAD_FLAG_VALUES)
+def test_bad_mapper_flag_values_are_one_line_usage_errors_naming_the_flag(capsys, flag, value):
+    parser = add_mapper_args(argparse.ArgumentParser(prog="eval.py"))
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--mapper", "llm" if flag.startswith("--llm") else "embedding", f"{flag}={value}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"eval.py: error: argument {flag}: ") and repr(value) in err[-1], err
+
+
+def test_good_mapper_flag_values_still_parse():
+    parser = add_mapper_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--llm-timeout", "2.5", "--llm-run-timeout", "1e3", "--embedding-threshold", "-0.2"])
+    args = parser.parse_args(["--embedding-margin", "0", "--llm-retries", "0", "--llm-max-listed-classes", "1"])
+    assert (args.embedding_margin, args.llm_retries, args.llm_max_listed_classes) == (0.0, 0, 1)
+    assert parser.parse_args(["--llm-timeout", "2.5"]).llm_timeout == 2.5
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0])
+def test_llm_backends_refuse_non_finite_timeouts(bad):
+    with pytest.raises(ValueError, match="timeout must be a positive, finite number of seconds"):
+        OpenAIChatClient("http://127.0.0.1:1/v1", timeout=bad)
+    for key in ("query_timeout", "run_timeout"):
+        with pytest.raises(ValueError, match=f"LLM {key} must be a positive, finite number of seconds"):
+            LLMBackend(OpenAIChatClient("http://127.0.0.1:1/v1"), **{key: bad})
+
+
+@pytest.mark.parametrize("option", ["threshold", "margin"])
+def test_embedding_backend_refuses_a_nan_threshold_or_margin(option):
+    from autoseg.lave.backends.embedding import EmbeddingBackend
+
+    with pytest.raises(ValueError, match=f"embedding {option} must be a finite number"):
+        EmbeddingBackend(**{option: float("nan")})

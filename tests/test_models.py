@@ -213,3 +213,65 @@ def test_word_vocabulary_blip_saves_loads_and_captions_in_whole_words(tmp_path):
     assert isinstance(caption, str) and caption  # random weights: any two tokens
     with pytest.raises(TypeError, match=r"\[True\] are not strings .*'on'"):
         make_blip(words=["a", True])
+
+
+# ------------------------------------------------------------------ weights that do not fit, or are pickles
+
+
+class RunsCode:
+    """Unpickling this creates ``marker``: a stand-in for a pickle that runs code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def blip_copy(src, dst):
+    """A copy of a saved BLIP folder and its weights (a dict of tensors)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dst)
+    return dst, load_file(dst / "model.safetensors")
+
+
+def test_blip_folder_with_wrong_shape_weights_names_the_file_and_the_tensor(tiny_blip_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    folder, weights = blip_copy(tiny_blip_dir, tmp_path / "blip")
+    key = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    rows, cols = weights[key].shape
+    weights[key] = torch.zeros(rows + 3, cols)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError) as err:
+        BlipCaptioner.from_pretrained(str(folder))
+    msg = str(err.value)
+    assert str(folder) in msg and "model.safetensors" in msg and key in msg and "\n" not in msg, msg
+    assert f"({rows + 3}, {cols})" in msg and f"({rows}, {cols})" in msg
+
+
+@pytest.mark.parametrize("hostile", [False, True], ids=["plain", "runs-code"])
+def test_pickled_weights_are_refused_without_being_unpickled(tiny_blip_dir, tmp_path, hostile):
+    folder, weights = blip_copy(tiny_blip_dir, tmp_path / "blip")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({**weights, "x": RunsCode(marker)} if hostile else weights, folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError) as err:
+        BlipCaptioner.from_pretrained(str(folder))
+    msg = str(err.value)
+    assert str(folder) in msg and "pytorch_model.bin" in msg and "safetensors" in msg and "\n" not in msg, msg
+    assert not marker.exists()
+
+
+def test_config_naming_pickled_weights_is_refused(tiny_blip_dir, tmp_path):
+    import json
+
+    folder, weights = blip_copy(tiny_blip_dir, tmp_path / "blip")
+    torch.save(weights, folder / "adapter_model.bin")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "transformers_weights": "adapter_model.bin"}))
+    with pytest.raises(ModelLoadError, match=r"config.json.*adapter_model.bin.*safetensors"):
+        BlipCaptioner.from_pretrained(str(folder))

@@ -369,3 +369,26 @@ def test_real_sigkill_on_timers_then_resume(tmp_path):
     assert final.returncode == 0, final.stderr[-2000:]
     assert_all_complete(out, names)
     assert snapshot(out, names) == snapshot(tmp_path / "ref", names)
+
+
+# ------------------------------------------------------------------ file names that are not UTF-8
+
+
+def test_a_file_name_that_is_not_utf8_is_processed_with_the_others(tmp_path, tiny_blip_dir, tiny_clipseg_dir, capsys):
+    names = make_photos(tmp_path / "in", 2)
+    bad = os.fsencode(tmp_path / "in") + b"/bad\xff.png"  # Linux names are bytes; Python decodes this one to '\udcff'
+    photo(Path(os.fsdecode(bad)), 30, 30, 7)
+    out = tmp_path / "out"
+    assert infer(tmp_path / "in", out, tiny_blip_dir, tiny_clipseg_dir) == 0, capsys.readouterr().err
+    for suffix in (b".png", b".json", b"_overlay.jpg"):
+        assert os.path.isfile(os.fsencode(out) + b"/bad\xff" + suffix)
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))  # still valid UTF-8 JSON
+    status = {e["output"]: e for e in manifest["inputs"]}
+    assert status["bad\udcff"]["status"] == "ok" and os.fsencode(status["bad\udcff"]["input"]) == bad
+    assert all(status[n]["status"] == "ok" for n in names) and manifest["complete"]
+    record = json.loads((Path(os.fsdecode(os.fsencode(out) + b"/bad\xff.json"))).read_text(encoding="utf-8"))
+    assert os.fsencode(record["image"]) == bad
+    # the names read back equal to the files': a resumed run finds every set complete
+    assert infer(tmp_path / "in", out, tiny_blip_dir, tiny_clipseg_dir, "--skip-existing") == 0
+    again = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["inputs"]
+    assert len(again) == 3 and all(e.get("skipped") for e in again)

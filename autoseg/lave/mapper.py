@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -298,14 +299,57 @@ def build_mapper(kind: str, **options: Any) -> LaveMapper:
     return MAPPER_KINDS[kind](**options)
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    value = _float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text!r}")
+    return value
+
+
+def _finite(low: float = -math.inf, high: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a finite number in ``[low, high]``."""
+
+    def parse(text: str) -> float:
+        value = _float(text)
+        if not (math.isfinite(value) and low <= value <= high):
+            where = "" if (low, high) == (-math.inf, math.inf) else f" in [{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"expected a finite number{where}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
 def add_mapper_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the LAVE options (``--mapper``, ``--mapper-cache``, ``--embedding-*``, ``--llm-*``) to a parser."""
     g = parser.add_argument_group("LAVE name mapping")
     g.add_argument("--mapper", choices=sorted(MAPPER_KINDS), default="embedding", help="name -> class mapper")
     g.add_argument("--mapper-cache", type=str, default=None, help="JSON cache of mappings, reused across runs")
     g.add_argument("--embedding-model", default=None, help="sentence-transformers id/dir (default: all-MiniLM-L6-v2)")
-    g.add_argument("--embedding-threshold", type=float, default=None, help="min cosine to a class (default 0.4)")
-    g.add_argument("--embedding-margin", type=float, default=None, help="class must beat anchors by (default 0.05)")
+    g.add_argument("--embedding-threshold", type=_finite(-1, 1), help="min cosine to a class (default 0.4)")
+    g.add_argument("--embedding-margin", type=_finite(), help="class must beat anchors by (default 0.05)")
     g.add_argument("--embedding-anchors", choices=["coco-stuff", "none"], default=None, help="non-class anchors")
     g.add_argument("--llm-endpoint", default=None, help="OpenAI-compatible URL, e.g. http://127.0.0.1:8000/v1")
     g.add_argument(
@@ -313,15 +357,15 @@ def add_mapper_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     g.add_argument("--llm-api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token for the endpoint")
     g.add_argument(
-        "--llm-timeout", type=float, default=None,
+        "--llm-timeout", type=_seconds, default=None,
         help="total seconds per name: connect, send, the whole answer and retries (default 60 over http)",
     )  # fmt: skip
     g.add_argument(
-        "--llm-run-timeout", type=float, default=None,
+        "--llm-run-timeout", type=_seconds, default=None,
         help="total seconds for all LLM queries of a run; then it stops, saving what was mapped (default: no limit)",
     )  # fmt: skip
-    g.add_argument("--llm-retries", type=int, default=None, help="HTTP retries with backoff (default 2)")
-    g.add_argument("--llm-max-listed-classes", type=int, default=None, help="list classes up to this many (200)")
+    g.add_argument("--llm-retries", type=_at_least(0), help="HTTP retries with backoff (default 2)")
+    g.add_argument("--llm-max-listed-classes", type=_at_least(1), help="list classes up to this many (200)")
     g.add_argument("--llm-device", default=None, help="torch device of the local LLM (default cpu)")
     return parser
 

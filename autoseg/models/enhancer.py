@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -54,6 +55,15 @@ class EnhancerConfig:
     pos_dim: int = 64
 
     def __post_init__(self) -> None:
+        for name in ("dim", "width", "depth", "num_heads", "pos_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"enhancer {name}={value!r}: expected a whole number")
+        ratio = self.mlp_ratio
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not (math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"enhancer mlp_ratio={ratio!r}: expected a positive, finite number")
+        if self.num_heads < 1:
+            raise ValueError(f"enhancer num_heads={self.num_heads}: expected at least 1")
         if self.block not in BLOCKS:
             raise ValueError(f"enhancer block {self.block!r} unknown; choose one of {BLOCKS}")
         if self.dim < 1 or self.width < 1 or self.depth < 0:
@@ -171,7 +181,7 @@ def load_enhancer(path: str | os.PathLike, device: str | torch.device = "cpu") -
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - no tensor is read
     except (SafetensorError, OSError) as e:
         raise ValueError(
             f"{p}: not a readable safetensors file ({e}): it is damaged, truncated or of another format; {expected}"
@@ -183,21 +193,56 @@ def load_enhancer(path: str | os.PathLike, device: str | torch.device = "cpu") -
         )
     try:
         config = EnhancerConfig(**json.loads(metadata["config"]))
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
+    except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"{p}: enhancer metadata has no valid 'config' ({e})") from e
-    enhancer = EmbeddingEnhancer(config)
-    expected = enhancer.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{p}: weights do not match the stored config {config}: missing keys {missing}, unexpected keys "
-            f"{unexpected}, shape mismatches {shapes}; the file is damaged or was edited; re-export it"
-        )
+    check_config_against_shapes(p, config, shapes)
+    enhancer = EmbeddingEnhancer(config)  # its size is now that of the file's tensors
+    try:
+        tensors = load_file(str(p))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{p}: not a readable safetensors file ({e}); {expected}") from e
     enhancer.load_state_dict(tensors, strict=True)
     return enhancer.to(device).eval()
+
+
+def check_config_against_shapes(path: Path, config: EnhancerConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Check a head's metadata config against the shapes of the tensors in its file, before the head is built.
+
+    The sizes the config declares are compared with the tensors (read from the file's header only), then every
+    parameter of the head built on the ``meta`` device (no memory): a config that declares a huge head over small
+    tensors is refused, so the head built afterwards is no larger than the file.
+
+    Raises:
+        ValueError: one line naming ``path``, the config field and the tensor that disagree, or the keys and shapes
+            that differ.
+    """
+
+    def disagree(field: str, evidence: str) -> ValueError:
+        return ValueError(
+            f"{path}: metadata config {field}={getattr(config, field)!r} disagrees with the weights ({evidence}); "
+            "the file is damaged or was edited; re-export it"
+        )
+
+    norm_in, proj_in = shapes.get("norm_in.weight"), shapes.get("proj_in.weight")
+    if norm_in is not None and len(norm_in) == 1 and norm_in[0] != config.dim:
+        raise disagree("dim", f"norm_in.weight has shape {norm_in}: dim {norm_in[0]}")
+    if proj_in is not None and len(proj_in) == 2:
+        if proj_in[0] != config.width:
+            raise disagree("width", f"proj_in.weight has shape {proj_in}: width {proj_in[0]}")
+        if proj_in[1] != config.dim + config.pos_dim:
+            raise disagree("pos_dim", f"proj_in.weight has shape {proj_in}: pos_dim {proj_in[1] - config.dim}")
+    depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+    if depth != config.depth:
+        raise disagree("depth", f"the file holds {depth} blocks")
+    fc1 = shapes.get("blocks.0.mlp.fc1.weight")
+    if fc1 is not None and len(fc1) == 2 and fc1[0] != int(config.width * config.mlp_ratio):
+        raise disagree("mlp_ratio", f"blocks.0.mlp.fc1.weight has shape {fc1}: mlp_ratio {fc1[0]} / {config.width}")
+    with torch.device("meta"):  # every other parameter, without allocating anything
+        model = {k: tuple(v.shape) for k, v in EmbeddingEnhancer(config).state_dict().items()}
+    missing, unexpected = sorted(set(model) - set(shapes)), sorted(set(shapes) - set(model))
+    mismatched = [f"{k}: file {shapes[k]} vs model {v}" for k, v in model.items() if k in shapes and shapes[k] != v]
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"{path}: weights do not match the stored config {config}: missing keys {missing}, unexpected keys "
+            f"{unexpected}, shape mismatches {mismatched}; the file is damaged or was edited; re-export it"
+        )

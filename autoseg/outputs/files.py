@@ -11,6 +11,7 @@ The JSON is written last: an image's set counts as written only once its JSON ex
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -135,9 +136,23 @@ def render_overlay(image: Image.Image, label_map: np.ndarray, vocabulary: list[s
     return canvas
 
 
+# Top-level names the run's bookkeeping uses (manifest.json beside the sets, see autoseg.outputs.manifest): an image
+# of that stem gets one more "~" (as does one whose name is such a name followed by "~"s, which keeps names distinct).
+RESERVED_STEMS = ("manifest",)
+
+
 def prediction_files(out_dir: str | Path, stem: str | Path) -> dict[str, Path]:
-    """The files of one prediction set: ``label_map`` (PNG), ``overlay`` (JPEG) and ``record`` (JSON, written last)."""
-    base = Path(out_dir) / safe_relative(stem, "output name")
+    """The files of one prediction set: ``label_map`` (PNG), ``overlay`` (JPEG) and ``record`` (JSON, written last).
+
+    They are ``STEM.png``, ``STEM_overlay.jpg`` and ``STEM.json``, except that a top-level stem that is a reserved name
+    (:data:`RESERVED_STEMS`, any case) followed by zero or more ``~`` gets one more ``~``: image ``manifest`` is
+    written as ``manifest~.json`` (the run's ``manifest.json`` stays its own), ``manifest~`` as ``manifest~~.json``;
+    no two stems share a file. Writers and readers both name files here.
+    """
+    rel = safe_relative(stem, "output name")
+    if len(rel.parts) == 1 and rel.name.rstrip("~").lower() in RESERVED_STEMS:
+        rel = rel.with_name(rel.name + "~")
+    base = Path(out_dir) / rel
     return {
         "label_map": base.with_name(base.name + ".png"),
         "overlay": base.with_name(base.name + "_overlay.jpg"),
@@ -162,6 +177,7 @@ def write_prediction(
         OSError: a file could not be written (nothing of the set is left behind).
     """
     files = prediction_files(out_dir, stem)
+    _refuse_linked_folders(out_dir, files["record"])
     if pred.label_map.shape != (image.height, image.width):
         raise ValueError(f"label map {pred.label_map.shape} does not match image {(image.height, image.width)}")
     n = len(pred.vocabulary)
@@ -185,10 +201,35 @@ def write_prediction(
 
 
 def remove_prediction(out_dir: str | Path, stem: str | Path) -> None:
-    """Delete the files of prediction ``stem`` and the temporaries of a killed write (the JSON first)."""
-    for f in reversed(prediction_files(out_dir, stem).values()):
+    """Delete the files of prediction ``stem`` and the temporaries of a killed write (the JSON first).
+
+    Raises:
+        OSError: a sub-folder of ``out_dir`` on the way is a symbolic link (nothing is deleted through it).
+    """
+    files = prediction_files(out_dir, stem)
+    _refuse_linked_folders(out_dir, files["record"])
+    for f in reversed(files.values()):
         f.unlink(missing_ok=True)
         remove_stale_temporaries(f)
+
+
+def _refuse_linked_folders(out_dir: str | Path, file: Path) -> None:
+    """Refuse to write or delete ``file`` through a sub-folder of ``out_dir`` that is a symbolic link.
+
+    A set's own files are never followed (each is replaced or unlinked as a link), but a linked sub-folder would put
+    them, and the removal of an older set, into the folder it points to.
+
+    Raises:
+        OSError: ``ELOOP``, naming the link.
+    """
+    folder = Path(out_dir)
+    for part in file.relative_to(folder).parts[:-1]:
+        folder = folder / part
+        if folder.is_symlink():
+            raise OSError(
+                errno.ELOOP,
+                f"{folder} is a symbolic link inside the output folder; outputs are never written through one",
+            )
 
 
 def prediction_complete(out_dir: str | Path, stem: str | Path) -> list[str] | None:

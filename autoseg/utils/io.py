@@ -5,9 +5,10 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,27 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    """Write UTF-8 text atomically; a lone surrogate (an undecodable file-name byte) is written as ``\\udcXX``."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="backslashreplace"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """Write ``obj`` as indented JSON (:func:`json_text`) atomically."""
+    return atomic_write_text(path, json_text(obj, indent=2) + "\n")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as JSON text that always encodes as UTF-8 and reads back equal, non-ASCII names kept readable.
+
+    A file name that is not valid UTF-8 reaches Python with each undecodable byte as a lone surrogate
+    (``os.fsdecode``: ``b"\\xff"`` -> ``"\\udcff"``), which UTF-8 cannot encode; it is written as the JSON escape
+    ``\\udcff``, which ``json.loads`` turns back into the same string (and ``os.fsencode`` into the same bytes).
+    """
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def save_image_atomic(path: str | os.PathLike, image: Image.Image, **save_kwargs: Any) -> Path:
@@ -71,13 +88,22 @@ def save_image_atomic(path: str | os.PathLike, image: Image.Image, **save_kwargs
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """Scale 16-bit / 32-bit integer and float images to 8-bit grayscale by their value range."""
+    """Scale 16-bit / 32-bit integer and float images to 8-bit grayscale by their value range.
+
+    A float image is scaled by the range of its finite pixels (and at least 0 .. 1); NaN and infinite pixels are black.
+
+    Raises:
+        ValueError: a float image has no finite pixel.
+    """
     arr = np.asarray(image).astype(np.float64)
     if image.mode.startswith("I;16") or (image.mode == "I" and arr.max(initial=0) > 255):
         arr = arr / 65535.0 if arr.max(initial=0) <= 65535 else arr / arr.max()
     elif image.mode == "F":
-        lo, hi = float(arr.min(initial=0)), float(arr.max(initial=1))
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        finite = np.isfinite(arr)
+        if arr.size and not finite.any():
+            raise ValueError("float image without a finite pixel (all NaN or infinite): nothing to segment")
+        lo, hi = float(arr[finite].min(initial=0)), float(arr[finite].max(initial=1))
+        arr = (np.where(finite, arr, lo) - lo) / (hi - lo)  # NaN and infinite pixels: black
     else:
         arr = arr / 255.0
     return Image.fromarray(np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8), mode="L")
@@ -119,7 +145,10 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        im = _to_8bit(im)
+        try:
+            im = _to_8bit(im)
+        except ValueError as e:
+            raise ImageReadError(f"{path}: {e}") from e
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA"):
@@ -170,6 +199,56 @@ def safe_relative(stem: str | os.PathLike, what: str = "name") -> Path:
             f"{what} {str(stem)!r}: expected a relative name without '..' (it must stay inside its folder)"
         )
     return p
+
+
+def check_apart(
+    output: str | os.PathLike, inputs: Sequence[str | os.PathLike], what_inputs: str, what_output: str
+) -> None:
+    """Refuse an output folder that would mix with the inputs, so that outputs never touch (or are read as) inputs.
+
+    An input folder (searched recursively) and the output folder must be disjoint: the output folder may not be it,
+    be inside it (a resumed run would read its own outputs) or contain it. An input file may not lie anywhere in the
+    output folder (an output could overwrite it); a file's own folder may hold the output folder. Paths are compared
+    with symbolic links resolved (``os.path.realpath``; the output folder need not exist yet); a linked input file
+    counts both where its link is and where it points. Folders sharing a name prefix (``img`` and ``img2``) are apart.
+
+    Args:
+        output: the output folder.
+        inputs: input files and folders as given (a path that does not exist counts as a file).
+        what_inputs: how messages call the inputs, e.g. "input" or "dataset".
+        what_output: how messages call the output folder, e.g. "output folder".
+
+    Raises:
+        ValueError: one line naming both paths.
+    """
+    out = os.path.realpath(output)
+    shown_out = _shown(output, out)
+    for given in inputs:
+        real = os.path.realpath(given)
+        if os.path.isdir(given):
+            how = "is inside" if _within(out, real) else "contains" if _within(real, out) else ""
+            if how:
+                how = "is" if out == real else how
+                raise ValueError(
+                    f"{what_output} {shown_out} {how} {what_inputs} folder {_shown(given, real)}: outputs would be "
+                    "read back as inputs or overwrite them; choose a folder apart from the inputs"
+                )
+            continue
+        linked_at = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(given))), os.path.basename(given))
+        if _within(real, out) or _within(linked_at, out):
+            raise ValueError(
+                f"{what_output} {shown_out} holds {what_inputs} file {_shown(given, real)}: an output could overwrite "
+                "it; choose a folder apart from the inputs"
+            )
+
+
+def _within(path: str, folder: str) -> bool:
+    """Whether absolute, normalised ``path`` is ``folder`` or inside it (by whole path components)."""
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _shown(given: str | os.PathLike, real: str) -> str:
+    return str(given) if os.path.abspath(given) == real else f"{given} (= {real})"
 
 
 def prepare_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:

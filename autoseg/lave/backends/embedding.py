@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -80,6 +81,9 @@ class EmbeddingBackend:
         if bad or not templates:
             raise ValueError(f"embedding templates must each contain one '{{}}'; got {list(templates)!r}")
         self.model_name = str(model) if model is not None else None
+        for what, value in (("threshold", threshold), ("margin", margin), ("anchor_dedupe", anchor_dedupe)):
+            if not math.isfinite(value):  # NaN compares false: every name would silently become background
+                raise ValueError(f"embedding {what} must be a finite number, got {value}")
         self.threshold, self.margin, self.anchor_dedupe = float(threshold), float(margin), float(anchor_dedupe)
         self.templates, self.head_aliases = tuple(templates), bool(head_aliases)
         self.device, self.batch_size = device, int(batch_size)

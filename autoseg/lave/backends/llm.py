@@ -15,6 +15,7 @@ import contextlib
 import http.client
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -107,8 +108,8 @@ class OpenAIChatClient:
     ):
         if not endpoint.startswith(("http://", "https://")):
             raise ValueError(f"LLM endpoint {endpoint!r} must be an http(s) URL such as http://127.0.0.1:8000/v1")
-        if timeout <= 0:
-            raise ValueError(f"LLM timeout must be a positive number of seconds, got {timeout}")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ValueError(f"LLM timeout must be a positive, finite number of seconds, got {timeout}")
         self.endpoint, self.url = endpoint, chat_completions_url(endpoint)
         self.model, self.api_key = model, api_key
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
@@ -385,8 +386,8 @@ class LLMBackend:
     ):
         self.chat, self.max_listed_classes = chat, int(max_listed_classes)
         for what, t in (("query_timeout", query_timeout), ("run_timeout", run_timeout)):
-            if t is not None and t <= 0:
-                raise ValueError(f"LLM {what} must be a positive number of seconds or None, got {t}")
+            if t is not None and not (math.isfinite(t) and t > 0):
+                raise ValueError(f"LLM {what} must be a positive, finite number of seconds or None, got {t}")
         self.answer_retries = max(0, int(answer_retries))
         self.query_timeout, self.run_timeout = query_timeout, run_timeout
         self._matchers: dict[tuple[str, ...], ExactMatcher] = {}
