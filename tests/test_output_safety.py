@@ -224,7 +224,7 @@ def test_eval_scores_a_dataset_image_named_manifest(tmp_path, tiny_blip_dir, tin
     import numpy as np
     from PIL import Image
 
-    from autoseg.evaluate import main as eval_main
+    from autoseg.cli.eval import main as eval_main
 
     root = tmp_path / "ds"
     (root / "images").mkdir(parents=True)

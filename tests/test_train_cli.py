@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import autoseg
 from autoseg.cli.train import cli_main
 from autoseg.lit import EnhancerModule
 from autoseg.models.enhancer import load_enhancer
@@ -128,6 +130,42 @@ def test_segmenter_fit_exports_a_directory_the_loader_reads_then_validate_and_pr
     assert vocabulary == module.hparams.classes
     assert label_map.shape == (64, 64) and 1 <= label_map.min() and label_map.max() <= len(vocabulary)
     assert json.loads((out / "000008.json").read_text())["vocabulary"] == vocabulary
+    assert json.loads((out / "manifest.json").read_text())["complete"]
+    # predict is the pipeline's segment stage: the exported weights through autoseg.load give the same label map
+    seg = autoseg.load(
+        None, blip="scratch:tiny", device="cpu", segmenter={"source": str(exported), "templates": ["a photo of a {}."]}
+    )
+    image = next(tmp_path.glob("shapes/**/images/000008.png"))
+    np.testing.assert_array_equal(seg(image, vocabulary=vocabulary).label_map, label_map)
+
+
+def test_enhancer_predict_runs_the_pipeline_with_its_head_as_infer_does(enhancer_run, tmp_path):
+    root, _ = enhancer_run
+    log_dir = root / "runs" / "lightning_logs" / "version_0"
+    pipeline = tmp_path / "pipeline.yaml"
+    debug = yaml.safe_load(open("configs/debug/pipeline.yaml"))
+    debug["segmenter"]["source"] = "scratch:tiny"
+    pipeline.write_text(yaml.safe_dump(debug))
+    out = tmp_path / "predictions"
+    cli_main(
+        [
+            "predict",
+            *debug_args("enhancer", root),
+            f"--ckpt_path={log_dir / 'checkpoints' / 'last.ckpt'}",
+            f"--model.init_args.predict_pipeline={pipeline}",
+            "--trainer.callbacks+=autoseg.lit.callbacks.PredictionWriter",
+            f"--trainer.callbacks.output_dir={out}",
+        ]
+    )
+    images = sorted(root.glob("shapes/**/val/images/*.png")) or sorted(root.glob("shapes/**/images/00000[89].png"))
+    head = log_dir / "export" / "last" / "enhancer.safetensors"
+    seg = autoseg.load(pipeline, blip="scratch:tiny", enhancer=str(head))
+    preds = seg(images)
+    assert preds and len(preds) == len(list(out.glob("*.json"))) - 1  # + manifest.json
+    for image, pred in zip(images, preds, strict=True):
+        label_map, vocabulary = read_prediction(out, image.stem)
+        assert vocabulary == pred.vocabulary
+        np.testing.assert_array_equal(label_map, pred.label_map)
 
 
 def test_bf16_mixed_runs_on_cpu(tmp_path):
@@ -225,3 +263,43 @@ def test_prediction_writer_commits_through_the_one_writer_and_resumes(tmp_path):
             ("shard/key", "ok", skip)
         ]
     assert (tmp_path / "shard" / "key_overlay.jpg").is_file()
+
+
+def test_model_load_errors_are_one_line_naming_the_training_setting(tmp_path, capsys):
+    from autoseg.cli.train import main
+
+    missing = tmp_path / "nope"
+    code = main(["fit", *debug_args("segmenter", tmp_path, f"--model.init_args.segmenter={missing}")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == (
+        f"train.py: error: CLIPSeg segmenter: no such directory: {missing} (pass a local directory with "
+        "--model.init_args.segmenter)"
+    )
+    assert not any("Traceback" in line for line in err)
+
+
+def test_optimizer_flags_are_not_offered_where_the_module_decides(tmp_path, capsys):
+    from autoseg.cli.train import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", *debug_args("segmenter", tmp_path, "--optimizer=Adam")])
+    assert stop.value.code == 2 and "unrecognized arguments: --optimizer=Adam" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--help"])
+    shown = capsys.readouterr().out
+    assert stop.value.code == 0 and "--trainer" in shown
+    assert not any(flag in shown for flag in ("--optimizer ", "--optimizer.", "--lr_scheduler"))
+
+
+def test_fit_ends_with_one_line_of_its_figures(tmp_path, capsys):
+    from autoseg.cli.train import main
+
+    assert main(["fit", *debug_args("segmenter", tmp_path, "--trainer.max_steps=2")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("fit done after 2 steps: ") and "weights exported to" in last
+    logged, _ = scalars(tmp_path / "runs" / "lightning_logs" / "version_0")
+    final = logged["val/mIoU"][-1][1]  # what TensorBoard recorded last
+    assert f"val/mIoU {final:.4g}" in last
+    best = max(v for _, v in logged["val/mIoU"])
+    assert f"best val/mIoU {best:.4g}" in last

@@ -62,16 +62,20 @@ def _usage_checks(args: argparse.Namespace, stack: contextlib.ExitStack):
     from autoseg.config import to_dict
     from autoseg.outputs import RunManifest
     from autoseg.run import launch_rank
-    from autoseg.utils.io import prepare_output_dir
+    from autoseg.utils.io import check_apart, prepare_output_dir
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
     check_run_args(args)
-    prepare_output_dir(Path(args.report).resolve().parent, "report folder")
+    report_dir = Path(args.report).resolve().parent
+    dataset = [args.root] if Path(args.root).is_dir() else []  # a missing root is reported when the data load
+    check_apart(report_dir, dataset, "dataset", "report folder", may_contain=True)
+    prepare_output_dir(report_dir, "report folder")
     if args.tensorboard:
         prepare_output_dir(args.tensorboard, "--tensorboard folder")
     if args.predictions is not None:
         return None, None
+    check_apart(prediction_dir(args), dataset, "dataset", "predictions folder", may_contain=True)
     config = config_from_args(args)
     out_dir = prepare_output_dir(prediction_dir(args), "predictions folder")
     rank = launch_rank(args.devices, args.num_nodes)

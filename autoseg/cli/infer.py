@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autoseg.models.loading import ModelLoadError
     from autoseg.outputs import OutputWriteError, RunManifest
     from autoseg.run import launch_rank, segment_into, unique_stems
-    from autoseg.utils.io import find_images, prepare_output_dir
+    from autoseg.utils.io import check_apart, find_images, prepare_output_dir
 
     with contextlib.ExitStack() as stack:
         try:
@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             found = find_images(args.paths)
             if not found:
                 raise ValueError(f"no files found in {' '.join(args.paths)}")
+            check_apart(args.output, args.paths, "input", "output folder")
             config = config_from_args(args)
             out_dir = prepare_output_dir(args.output)
             rank = launch_rank(args.devices, args.num_nodes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,9 +41,21 @@ class AutoSegCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         options = self.config.get(subcommand) if subcommand else None
+        prefix = "--model.init_args."
+        given = [a.split("=")[0][len(prefix) :] for a in args or sys.argv[1:] if str(a).startswith(prefix)]
+        init = options.get("model", {}).get("init_args", {}) if options else {}
+        self._given_model_args = {k: init[k] for k in given if k in init}
         ckpt_path = options.get("ckpt_path") if options else None
         if ckpt_path and not is_remote(ckpt_path) and os.path.isfile(ckpt_path):
             load_checkpoint(ckpt_path, "cpu", options.get("weights_only"), mmap=True)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning puts the checkpoint's hyperparameters over the parsed config; model settings given on the
+        command line (e.g. ``--model.init_args.predict_pipeline``) still win over them."""
+        super()._parse_ckpt_path()
+        subcommand = self.config.get("subcommand")
+        for key, value in getattr(self, "_given_model_args", {}).items():
+            self.config[subcommand]["model"]["init_args"][key] = value
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

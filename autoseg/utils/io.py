@@ -202,7 +202,11 @@ def safe_relative(stem: str | os.PathLike, what: str = "name") -> Path:
 
 
 def check_apart(
-    output: str | os.PathLike, inputs: Sequence[str | os.PathLike], what_inputs: str, what_output: str
+    output: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    what_inputs: str,
+    what_output: str,
+    may_contain: bool = False,
 ) -> None:
     """Refuse an output folder that would mix with the inputs, so that outputs never touch (or are read as) inputs.
 
@@ -217,6 +221,8 @@ def check_apart(
         inputs: input files and folders as given (a path that does not exist counts as a file).
         what_inputs: how messages call the inputs, e.g. "input" or "dataset".
         what_output: how messages call the output folder, e.g. "output folder".
+        may_contain: the output folder may hold an input folder (its writes stay at its top level, never inside the
+            input folder: a report, or predictions named by a dataset's image ids).
 
     Raises:
         ValueError: one line naming both paths.
@@ -226,7 +232,7 @@ def check_apart(
     for given in inputs:
         real = os.path.realpath(given)
         if os.path.isdir(given):
-            how = "is inside" if _within(out, real) else "contains" if _within(real, out) else ""
+            how = "is inside" if _within(out, real) else "contains" if _within(real, out) and not may_contain else ""
             if how:
                 how = "is" if out == real else how
                 raise ValueError(
