@@ -29,7 +29,7 @@ import torch
 import yaml
 from torch import nn
 
-from autoseg.config import PIPELINE_FILE, PipelineConfig, from_dict, load_config, presets, to_dict
+from autoseg.config import PIPELINE_FILE, PipelineConfig, config_with, load_config, presets, to_dict
 from autoseg.config_checks import check_runtime, resolve_device
 from autoseg.models.blip import BlipCaptioner, load_blip
 from autoseg.models.enhancer import load_enhancer, save_enhancer
@@ -105,7 +105,7 @@ def resolve_config(
     overrides = dict(overrides or {})
     if isinstance(source, PipelineConfig):
         where = "config"
-        config = from_dict(PipelineConfig, merge(to_dict(source), overrides), overrides_source)
+        config = config_with(to_dict(source), overrides, where, overrides_source)
     else:
         path = pipeline_yaml(source) if source is not None else None
         where = str(path) if path is not None else "config"

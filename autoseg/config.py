@@ -275,10 +275,24 @@ def load_config(
         if not isinstance(data, dict):
             raise config_error("pipeline", f"expected a mapping of pipeline settings, got {show(data)}", source)
         data = _resolve_model_paths(data, p.resolve().parent)
+    return config_with(data, overrides, source, overrides_source)
+
+
+def config_with(
+    data: Mapping[str, Any],
+    overrides: Mapping[str, Any] | None,
+    source: str = "config",
+    overrides_source: str = "overrides",
+) -> PipelineConfig:
+    """The checked config of plain settings ``data`` with ``overrides`` on top.
+
+    Overrides that choose another segmenter backend (``segmenter.name``) start its section from that backend's
+    defaults: the other backend's own settings would not apply.
+    """
     overrides = dict(overrides or {})
     seg = overrides.get("segmenter")
     if isinstance(seg, Mapping) and "name" in seg and isinstance(data.get("segmenter"), Mapping):
-        if seg["name"] != data["segmenter"].get("name", SegmenterConfig.name):  # another backend: its own defaults
+        if seg["name"] != data["segmenter"].get("name", SegmenterConfig.name):
             data = {**data, "segmenter": {}}
     try:
         config = from_dict(PipelineConfig, merge(data, overrides), source)

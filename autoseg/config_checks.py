@@ -8,6 +8,7 @@ backend loads (a CLIPSeg for clipseg, a SAM 3 for sam3, ...) plus the backend's 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -241,8 +242,9 @@ def _check_segmenter(config: PipelineConfig, source: str) -> None:
     """The segmenter's model is of a type its backend loads; then the backend's own checks."""
     seg = config.segmenter
     backend = backend_of(seg)
+    read = functools.cache(lambda name: model_config(name, "segmenter.source", seg.name))  # each config.json once
     where = backend.sources(seg)["segmenter.source"]
-    model = model_config(where, "segmenter.source", seg.name)
+    model = read(where)
     if model is not None and model.model_type not in backend.model_types:
         others = [name for name, b in BACKENDS.items() if model.model_type in b.model_types]
         hint = f"use --segmenter-backend {others[0]}, or " if others else ""
@@ -253,4 +255,4 @@ def _check_segmenter(config: PipelineConfig, source: str) -> None:
             source,
         )
     if backend.check is not None:
-        backend.check(seg, lambda name: model_config(name, "segmenter.source", seg.name), source)
+        backend.check(seg, read, source)

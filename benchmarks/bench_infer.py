@@ -246,7 +246,7 @@ def naive_image(pipe: AutoSegPipeline, image: Image.Image):
     captions = [[naive_caption(pipe, st, k, p) for p in range(n_pass)] for k, st in enumerate(states)]
     order = cluster_order(cap_map, len(captions))
     nouns = [[pipe.nouns.nouns_per_caption([c])[0] for c in captions[k]] for k in order]  # one caption at a time
-    vocabulary = pipe.prediction(cap_map, captions, order, nouns).vocabulary
+    vocabulary = pipe.prediction(image, cap_map, captions, order, nouns).vocabulary
     return vocabulary, naive_segment(pipe, image, vocabulary)
 
 

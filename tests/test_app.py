@@ -19,6 +19,7 @@ from autoseg.app.backend import (
     DemoBackend,
     Settings,
     cluster_annotations,
+    cluster_labels,
     cluster_rows,
     colours,
     display_size,
@@ -31,7 +32,7 @@ from autoseg.app.backend import (
     sample_images,
 )
 from autoseg.config import ConfigError, load_config
-from autoseg.outputs import palette, read_prediction
+from autoseg.outputs import Prediction, palette, read_prediction
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "samples" / "shapes" / "images" / "000002.png"
@@ -158,7 +159,8 @@ def test_analyse_shows_names_clusters_and_writes_infer_files(backend, result):
     assert pred.vocabulary == result.found.vocabulary
     assert pred.label_map.shape == (128, 128) and pred.label_map.max() <= len(pred.vocabulary)
     rows = name_rows(pred)
-    assert [r[0] for r in rows][: len(pred.vocabulary)] == pred.vocabulary
+    shown = [n for i, n in enumerate(pred.vocabulary, 1) if (pred.label_map == i).any()]
+    assert [r[0] for r in rows if r[0] != "(unlabelled)"] == shown  # the table lists what the legend shows
     assert sum(r[1] for r in rows) == pytest.approx(100, abs=0.5)
     image, masks = label_annotations(result)
     assert image.shape == (128, 128, 3)
@@ -173,6 +175,12 @@ def test_analyse_shows_names_clusters_and_writes_infer_files(backend, result):
         assert nouns == ", ".join(result.found.extra["cluster_nouns"][str(k)])
     _, cmasks, ccolours = cluster_annotations(result)
     assert len(cmasks) == len(table) and set(ccolours) == {label for _, label in cmasks}
+    named = colours(pred.vocabulary)
+    for k, label in enumerate(cluster_labels(result)):  # one colour per name in every view
+        nouns = result.found.extra["cluster_nouns"][str(k)]
+        first = next((n for n in pred.vocabulary if n in nouns), None)
+        if label in ccolours:
+            assert ccolours[label] == (named[first] if first else app_backend.UNNAMED_COLOUR)
 
     png, record, overlay = result.files
     assert (png.name, record.name, overlay.name) == ("000002.png", "000002.json", "000002_overlay.jpg")
@@ -297,13 +305,17 @@ def handlers(backend):
 
 
 def test_handlers_upload_run_pick_and_edit(handlers):
-    chosen, preview, status = handlers.choose_upload(str(SAMPLE))
+    from autoseg.app.page import describe_names
+
+    chosen, preview, status, *cleared = handlers.choose_upload(str(SAMPLE))
     assert chosen[1] == "000002.png" and preview.size == (128, 128) and "Press Segment" in status
+    assert cleared[0] is None and len(cleared) == 8
     out = handlers.run(chosen, 0, 6, 6, 3, 0.0)
     result, segmentation, names, choice, selected, clusters, table, files, status = out
     vocab = result.prediction.vocabulary
-    assert status.startswith(f"000002.png: found {len(vocab)} names: {', '.join(vocab)}")
-    assert segmentation.color_map == colours(vocab) and [r[0] for r in names][: len(vocab)] == vocab
+    assert status.startswith(f"000002.png: {describe_names(result.prediction)}")
+    shown = [r[0] for r in names if r[0] != "(unlabelled)"]
+    assert segmentation.color_map == colours(vocab) and shown == [n for n in vocab if n in shown]
     assert choice.choices == [(n, n) for n in vocab] and selected is None
     assert len(table) == len(result.found.captions) and [Path(f).suffix for f in files] == [".png", ".json", ".jpg"]
 
@@ -335,8 +347,9 @@ def test_handlers_report_problems_in_the_status_box(handlers, tmp_path, monkeypa
 
     bad = tmp_path / "notes.txt"
     bad.write_text("hello")
-    chosen, preview, status = handlers.choose_upload(str(bad))
+    chosen, preview, status, *cleared = handlers.choose_upload(str(bad))
     assert chosen is None and preview is None and status.startswith("Cannot use this file: notes.txt")
+    assert cleared[0] is None and cleared[1] is None and cleared[2] == []  # no result of another image beside it
     out = handlers.run(None, 0, 6, 6, 3, 0.0)
     assert skipped(out[:-1]) and out[-1] == "Upload an image or pick a sample first."
     image_choice = handlers.choose_upload(str(SAMPLE))[0]
@@ -357,6 +370,66 @@ def test_handlers_report_problems_in_the_status_box(handlers, tmp_path, monkeypa
         out = handlers.run(image_choice, 0, 6, 6, 3, 0.0)
     assert out[-1].startswith("Segmentation failed (RuntimeError: out of memory)") and "Traceback" not in out[-1]
     assert handlers.run(image_choice, 0, 6, 6, 3, 0.0)[0] is not None  # the next request works
+
+
+def test_a_refused_upload_or_a_new_sample_clears_the_results_and_uploads_leave_no_file(handlers, tmp_path):
+    from gradio.utils import get_upload_folder
+
+    upload = Path(get_upload_folder()) / "abc123" / "photo.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(SAMPLE.read_bytes())
+    chosen, preview, status, result, *views = handlers.choose_upload(str(upload))
+    assert chosen[1] == "photo.png" and not upload.exists()  # read into memory, the server's copy removed
+    segmented = handlers.run(chosen, 0, 6, 6, 3, 0.0)
+    assert segmented[0] is not None
+    bad = Path(get_upload_folder()) / "def456" / "bad.png"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a png")
+    chosen, preview, status, result, segmentation, names, *_ = handlers.choose_upload(str(bad))
+    assert chosen is None and result is None and segmentation is None and names == []
+    assert status.startswith("Cannot use this file: bad.png") and not bad.exists()
+    picked = handlers.choose_sample(SimpleNamespace(index=0))
+    assert picked[0] is not None and picked[3] is None and picked[-1] is None  # the upload box is emptied
+    kept = handlers.samples[0]
+    assert kept.exists()  # a sample is never removed
+
+
+def test_legend_table_and_status_agree_with_the_label_map(backend, result):
+    from autoseg.app.page import describe_names
+
+    vocab = ["sky", "boat", "grass", "kite"]
+    label_map = np.zeros((4, 4), np.int32)
+    label_map[:2], label_map[2:] = 1, 3  # boat and kite label no pixel
+    pred = Prediction(vocab, label_map)
+    assert app_backend.present_names(pred) == ["sky", "grass"]
+    assert name_rows(pred) == [["sky", 50.0], ["grass", 50.0]]
+    assert describe_names(pred) == "4 names found, 2 label pixels: sky, grass (no pixels: boat, kite)"
+    tiny = np.zeros((100, 100), np.int32)
+    tiny[0, 0] = 1
+    assert name_rows(Prediction(["dot"], tiny)) == [["dot", 0.01], ["(unlabelled)", 100.0]]  # never a false 0
+
+
+def test_upload_limit_follows_the_pixel_limit_and_sessions_release_their_memory(backend, result, tmp_path):
+    pytest.importorskip("gradio", reason="the page needs the app extra: pip install -e '.[app]'")
+    from autoseg.app.page import SESSION_SECONDS, build_page
+    from autoseg.cli.app import build_parser, upload_limit
+
+    assert upload_limit(16_000_000) == 4 * 16_000_000 + 2**20
+    assert upload_limit(16_000_000, 2.5) == int(2.5 * 2**20)
+    with pytest.raises(ValueError, match="--max-upload-mb must be a positive number"):
+        upload_limit(100, float("nan"))
+    assert build_parser().parse_args([]).max_pixels == app_backend.PAGE_MAX_PIXELS
+    page = build_page(backend, sample_images())
+    states = [b for b in page.blocks.values() if type(b).__name__ == "State"]
+    assert len(states) == 2 and all(s.time_to_live == SESSION_SECONDS for s in states)
+    folder = result.files[0].parent
+    assert folder.is_dir()
+    [s for s in states if s.delete_callback is not None and s.delete_callback.__name__ == "release"][0].delete_callback(
+        result
+    )
+    assert not folder.exists()  # a session's downloads go with it
+    found = next(iter(backend._cache.values()))
+    assert found.image is None  # the vocabulary cache keeps no image
 
 
 def test_page_builds_with_queued_model_events(backend):

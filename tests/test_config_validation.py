@@ -250,3 +250,18 @@ def test_an_enhancer_for_another_blip_width_fails_before_loading(tmp_path, no_cu
     config = load_config(preset="demo", overrides={"enhancer": str(head)})
     with pytest.raises(ConfigError, match=r"^config: enhancer: .*e.safetensors was trained on 8-d .* has 96-d tokens"):
         check_runtime(config)
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path):
+    """457 bytes that expand to billions of values (YAML aliases) under a known key."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\nbboost: {k_min: *a8}\n")
+    assert path.stat().st_size < 600
+    with pytest.raises(ConfigError, match=r"bomb.yaml: expands to over 100,000 values \(YAML aliases\)") as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+    small = tmp_path / "anchors.yaml"  # aliases themselves are fine
+    small.write_text("scales: [&s 128, 192]\ncaption_scale: *s\n")
+    assert load_config(small).caption_scale == 128

@@ -244,6 +244,8 @@ def test_eval_usage_errors_exit_2_before_work(tmp_path, capsys):
         ["--report", str(tmp_path / "r.json"), "--save-predictions", str(tmp_path / "file")],
         ["--report", str(tmp_path / "file" / "r.json"), "--predictions", str(tmp_path)],
         ["--report", str(tmp_path / "r.json"), "--max-pixels", "0"],
+        # an unusable TensorBoard folder is found before any scoring (not after)
+        ["--report", str(tmp_path / "r.json"), "--predictions", str(tmp_path), "--tensorboard", str(tmp_path / "file")],
     ]
     for extra in cases:
         assert eval_main(base + extra) == 2, extra

@@ -34,8 +34,10 @@ SAMPLES_SEED, SAMPLES_COUNT = 90001, 6
 MAX_NAMES = 64
 MAX_NAME_CHARS = 60
 MAX_DISPLAY_SIDE = 1024  # the page shows larger images downscaled; the files keep the full size
+PAGE_MAX_PIXELS = 16_000_000  # the page's default pixel limit (a 4,000 x 4,000 photo); infer.py's is 64,000,000
 MASK_ALPHA = 0.6
 UNLABELLED_ROW = "(unlabelled)"
+UNNAMED_COLOUR = "#9e9e9e"  # clusters whose nouns are not in the vocabulary
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,12 @@ class DemoBackend:
         out.files = self.write_files(out)
         return out
 
+    def release(self, result: PageResult | None) -> None:
+        """Forget a finished session's result: its download folder is removed (its memory goes with the session)."""
+        for folder in {f.parent for f in (result.files if result is not None else [])}:
+            if folder.parent == self.out_root:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def write_files(self, result: PageResult) -> list[Path]:
         """Write the label PNG, the JSON and the overlay (as ``infer.py`` does) into a new per-request folder."""
         self._prune()
@@ -362,31 +370,55 @@ def cluster_labels(result: PageResult) -> list[str]:
     return [f"{k}: {', '.join(nouns.get(str(k), [])) or '(no noun)'}" for k in sorted(result.found.captions)]
 
 
+def cluster_name(result: PageResult, k: int) -> str | None:
+    """The name cluster ``k`` stands for on the page: the first of its nouns in the current vocabulary (None: none)."""
+    nouns = result.found.extra.get("cluster_nouns", {}).get(str(k), [])
+    vocabulary = result.prediction.vocabulary
+    found = [n for n in vocabulary if n in nouns]
+    return found[0] if found else None
+
+
 def cluster_annotations(result: PageResult) -> tuple[np.ndarray, list[tuple[np.ndarray, str]], dict[str, str]]:
-    """``(image, [(mask, label)], colours)`` of the BBoost cluster map, at display size."""
+    """``(image, [(mask, label)], colours)`` of the BBoost cluster map, at display size.
+
+    A cluster has the colour of the name it stands for (:func:`cluster_name`), as in the segmentation, the overlay and
+    the highlighted mask; a cluster whose nouns are not in the vocabulary is grey.
+    """
     size = display_size(result.image)
     image = np.asarray(result.image.resize(size, Image.Resampling.BILINEAR))
     cmap = result.found.cluster_map
     if cmap is None:
         return image, [], {}
     clusters = resize_labels(cmap, size)
-    labels = cluster_labels(result)
-    cols = palette(len(labels) + 1)
+    name_colour = colours(result.prediction.vocabulary)
     masks, colour_of = [], {}
-    for k, label in enumerate(labels):
+    for k, label in enumerate(cluster_labels(result)):
         mask = clusters == k
         if mask.any():
             masks.append((mask.astype(np.float32) * MASK_ALPHA, label))
-            colour_of[label] = "#{:02x}{:02x}{:02x}".format(*cols[k + 1])
+            colour_of[label] = name_colour.get(cluster_name(result, k), UNNAMED_COLOUR)
     return image, masks, colour_of
 
 
-def name_rows(pred: Prediction) -> list[list]:
-    """Table rows ``[name, pixel share in %]``, names in vocabulary order, then the unlabelled share if any."""
+def percent(share: float) -> float:
+    """A share in % with one decimal; a share too small for that keeps one significant digit (never a false 0)."""
+    value = 100 * share
+    return round(value, 1) if value >= 0.1 or value == 0 else float(f"{value:.1g}")
+
+
+def present_names(pred: Prediction) -> list[str]:
+    """The names that label at least one pixel, in vocabulary order (what the legend shows)."""
     shares = pred.pixel_fraction()
-    rows = [[n, round(100 * shares[n], 1)] for n in pred.vocabulary]
+    return [n for n in pred.vocabulary if shares[n] > 0]
+
+
+def name_rows(pred: Prediction) -> list[list]:
+    """Table rows ``[name, pixel share in %]`` of the names that label pixels (as the legend), in vocabulary order,
+    then the unlabelled share if any."""
+    shares = pred.pixel_fraction()
+    rows = [[n, percent(shares[n])] for n in present_names(pred)]
     if shares["<unlabelled>"] > 0:
-        rows.append([UNLABELLED_ROW, round(100 * shares["<unlabelled>"], 1)])
+        rows.append([UNLABELLED_ROW, percent(shares["<unlabelled>"])])
     return rows
 
 

@@ -24,6 +24,7 @@ from autoseg.app.backend import (  # noqa: E402
     highlight,
     label_annotations,
     name_rows,
+    present_names,
 )
 from autoseg.models.segmenters import segmenter_source
 from autoseg.utils.io import ImageReadError  # noqa: E402
@@ -33,6 +34,7 @@ log = logging.getLogger("autoseg.app")
 NAME_HEADERS = ["name", "pixel share (%)"]
 CLUSTER_HEADERS = ["cluster", "share (%)", "nouns", "captions"]
 NO_INPUT = "Upload an image or pick a sample first."
+SESSION_SECONDS = 600
 
 
 class Handlers:
@@ -48,20 +50,25 @@ class Handlers:
 
     # ------------------------------------------------------------------------------------------------------ input
     def choose_upload(self, path: str | None) -> tuple:
-        """An uploaded file: ``(chosen, preview, status)``; a bad file leaves nothing chosen and says why."""
+        """An uploaded file: ``(chosen, preview, status)`` and the results of the image before, cleared (they belong
+        to it); a bad file leaves nothing chosen and says why. The upload is read into memory and its temporary file
+        removed, so uploads do not pile up on the server's disk."""
         if not path:
-            return None, None, NO_INPUT
+            return None, None, NO_INPUT, *CLEARED
         name = Path(path).name
         try:
             image = self.backend.load(path, name)
         except ImageReadError as e:
-            return None, None, f"Cannot use this file: {e}"
-        return (image, name), image, f"{name}: {image.width} x {image.height} px. Press Segment."
+            return None, None, f"Cannot use this file: {e}", *CLEARED
+        finally:
+            forget_upload(path)
+        return (image, name), image, f"{name}: {image.width} x {image.height} px. Press Segment.", *CLEARED
 
     def choose_sample(self, evt: gr.SelectData) -> tuple:
-        """A sample picked in the gallery (``evt.index``): ``(chosen, preview, status)``."""
+        """A sample picked in the gallery (``evt.index``): what :meth:`choose_upload` returns, and the upload box
+        emptied (the sample replaces any file in it)."""
         index = evt.index if isinstance(evt.index, int) else evt.index[0]
-        return self.choose_upload(str(self.samples[index]))
+        return *self.choose_upload(str(self.samples[index])), None
 
     # ------------------------------------------------------------------------------------------------------ results
     def run(self, chosen, seed, k_min, k_max, n_passes, threshold) -> tuple:
@@ -81,11 +88,10 @@ class Handlers:
             return self._failed(f"Segmentation failed ({type(e).__name__}: {e}); try another image or other settings.")
         pred = result.prediction
         seconds = pred.extra.get("seconds_vocabulary", 0) + pred.extra["seconds_segmenter"]
-        names = ", ".join(pred.vocabulary) or "none"
         return self._show(
             result,
-            f"{name}: found {len(pred.vocabulary)} names: {names} ({seconds:.1f} s). Hover a name in the legend to "
-            "highlight its mask; click it to edit it.",
+            f"{name}: {describe_names(pred)} ({seconds:.1f} s). Hover a name in the legend to highlight its mask; "
+            "click it to edit it.",
         )
 
     def edit(self, action: str, result: PageResult | None, name, new_name, threshold) -> tuple:
@@ -115,8 +121,7 @@ class Handlers:
             "resegment": f"Threshold {out.settings.threshold:g}",
             "reset": "Back to the names found",
         }[action]
-        names = ", ".join(out.prediction.vocabulary) or "none (every pixel is unlabelled)"
-        status = f"{done}; re-segmented without recaptioning. Names: {names}."
+        status = f"{done}; re-segmented without recaptioning: {describe_names(out.prediction)}."
         return (*self._show(out, status), "")
 
     def pick(self, result: PageResult | None, evt: gr.SelectData):
@@ -151,6 +156,34 @@ class Handlers:
         return (*(gr.skip(),) * 8, status)
 
 
+def forget_upload(path: str) -> None:
+    """Remove an uploaded file from Gradio's upload folder once it is read (never a file outside that folder)."""
+    from gradio.utils import get_upload_folder
+
+    file, uploads = Path(path).resolve(), Path(get_upload_folder()).resolve()
+    if file.is_relative_to(uploads):
+        file.unlink(missing_ok=True)
+
+
+# the result outputs (result, segmentation, names, name choice, selected view, clusters, cluster table, downloads)
+# emptied when another image is chosen
+CLEARED = (None, None, [], gr.Dropdown(choices=[], value=None), None, None, [], None)
+
+
+def describe_names(pred) -> str:
+    """The names found and those that label pixels (the legend and the table show only those)."""
+    shown = present_names(pred)
+    if not pred.vocabulary:
+        return "no names (every pixel is unlabelled)"
+    if len(shown) == len(pred.vocabulary):
+        return f"{len(shown)} names: {', '.join(shown)}"
+    lost = [n for n in pred.vocabulary if n not in shown]
+    return (
+        f"{len(pred.vocabulary)} names found, {len(shown)} label pixels: {', '.join(shown) or 'none'} "
+        f"(no pixels: {', '.join(lost)})"
+    )
+
+
 def build_page(backend: DemoBackend, samples: Sequence[Path], source: str = "") -> gr.Blocks:
     """The page (not launched). Model calls are queued one at a time; light events (uploads, picks) are not.
 
@@ -162,15 +195,17 @@ def build_page(backend: DemoBackend, samples: Sequence[Path], source: str = "") 
     k_top = max(16, d.k_max)
     seg = backend.config.segmenter
     source = source or f"BLIP `{backend.config.blip}`, segmenter {seg.name} `{segmenter_source(seg)}`"
-    with gr.Blocks(title="AutoSeg demo", analytics_enabled=False, delete_cache=(3600, 3600)) as page:
+    # temporary files (Gradio's copies of what the page shows) older than 10 minutes go every minute
+    with gr.Blocks(title="AutoSeg demo", analytics_enabled=False, delete_cache=(60, SESSION_SECONDS)) as page:
         gr.Markdown(
             "## AutoSeg: auto-vocabulary semantic segmentation\n"
             "Upload an image or pick a sample, then press **Segment**. AutoSeg groups the image (BBoost clusters), "
             "captions each group (BLIP), takes the nouns as the vocabulary and segments the image with it. Edit the "
             f"names to re-segment without recaptioning. Pipeline: {source}."
         )
-        chosen = gr.State(None, time_to_live=3600)
-        result = gr.State(None, time_to_live=3600)
+        # a session's memory (its image, label map and cluster map) goes when its tab closes, or after idle minutes
+        chosen = gr.State(None, time_to_live=SESSION_SECONDS)
+        result = gr.State(None, time_to_live=SESSION_SECONDS, delete_callback=backend.release)
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
                 upload = gr.File(label="Upload an image", type="filepath", height=140, elem_id="upload")
@@ -244,9 +279,10 @@ def build_page(backend: DemoBackend, samples: Sequence[Path], source: str = "") 
                 )
 
         outputs = [result, segmentation, names, name, selected, clusters, cluster_table, downloads, status]
-        upload.upload(h.choose_upload, upload, [chosen, preview, status])
-        upload.clear(lambda: (None, None, NO_INPUT), None, [chosen, preview, status])
-        gallery.select(h.choose_sample, None, [chosen, preview, status])
+        chosen_outputs = [chosen, preview, status, *outputs[:-1]]
+        upload.upload(h.choose_upload, upload, chosen_outputs)
+        upload.clear(lambda: (None, None, NO_INPUT, *CLEARED), None, chosen_outputs)
+        gallery.select(h.choose_sample, None, [*chosen_outputs, upload])
         model = {"concurrency_limit": 1, "concurrency_id": "models"}
         run.click(h.run, [chosen, seed, k_min, k_max, n_passes, threshold], outputs, **model)
         edits = [(remove, "remove"), (rename, "rename"), (add, "add"), (resegment, "resegment"), (reset, "reset")]

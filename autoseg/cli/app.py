@@ -18,7 +18,6 @@ from pathlib import Path
 from autoseg.cli.common import EXIT_OK, EXIT_USAGE, add_pipeline_args, config_from_args
 
 DEFAULT_PRESET = "demo"
-MAX_UPLOAD = "256mb"  # bytes per upload; the pixel limit is --max-pixels
 MAX_QUEUE = 64  # requests waiting for the models; more are refused with a "queue full" message
 
 
@@ -37,7 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder of sample images offered on the page (default: the ShapesWorld samples)",
     )
-    return add_pipeline_args(p)
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        metavar="MB",
+        help="largest upload in MB (default: an uncompressed 8-bit RGBA image of --max-pixels, plus 1 MB)",
+    )
+    add_pipeline_args(p)
+    from autoseg.app.backend import PAGE_MAX_PIXELS
+
+    p.set_defaults(max_pixels=PAGE_MAX_PIXELS)  # a shared server: each session holds one image of up to this
+    return p
+
+
+def upload_limit(max_pixels: int, max_upload_mb: float | None = None) -> int:
+    """Largest upload accepted, in bytes: ``--max-upload-mb``, else an uncompressed 8-bit RGBA image of
+    ``max_pixels`` plus 1 MB of headers (a photo within the pixel limit is never larger)."""
+    if max_upload_mb is not None:
+        if not 0 < max_upload_mb < float("inf"):
+            raise ValueError(f"--max-upload-mb must be a positive number, got {max_upload_mb}")
+        return int(max_upload_mb * 2**20)
+    return 4 * max_pixels + 2**20
 
 
 def describe_source(args: argparse.Namespace) -> str:
@@ -72,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--max-pixels must be a positive number of pixels, got {args.max_pixels}")
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        max_upload = upload_limit(args.max_pixels, args.max_upload_mb)
         config = config_from_args(args)
         samples = sample_images(args.samples)
         pipeline = build_pipeline(config, checked=True)
@@ -90,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 server_port=args.port,
                 prevent_thread_lock=True,
                 quiet=True,
-                max_file_size=MAX_UPLOAD,
+                max_file_size=max_upload,
                 footer_links=["api", "settings"],
                 run_history=False,
                 enable_monitoring=False,

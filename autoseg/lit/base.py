@@ -168,6 +168,15 @@ class AutoSegModule(L.LightningModule):
                     sd[key] = value
 
     # ------------------------------------------------------------------ predict
+    def predict_pipeline_with(self, source: str | None, **parts: Any):
+        """The pipeline ``predict`` runs: the settings of ``source`` (a preset, YAML, saved folder or repo id; None:
+        the defaults) with this module's trained ``parts`` (``captioner=``, ``enhancer=``) in place of its models."""
+        from autoseg.api import build_pipeline, resolve_config
+
+        overrides = {"blip": self.hparams.blip, "enhancer": None, "device": str(self.device)}
+        config, where = resolve_config(source, overrides, "model.init_args.predict_pipeline")
+        return build_pipeline(config, checked=True, where=where, **parts)
+
     def predict_todo(self, batch: dict[str, Any]) -> list[int]:
         """The batch items to predict: all, but those whose outputs a ``PredictionWriter(skip_existing=True)``
         already holds."""

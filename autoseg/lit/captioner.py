@@ -31,6 +31,7 @@ from autoseg.data.datamodules import CAPTIONS
 from autoseg.lit.base import AutoSegModule, normaliser
 from autoseg.lit.grouping import IGNORED, patch_labels
 from autoseg.models.blip import DEFAULT_BLIP, CaptionConfig, ScaleTokens, load_blip
+from autoseg.outputs import Prediction
 from autoseg.vocab.nouns import NounConfig, NounExtractor
 
 TRAIN_CAPTION_MODES = ("global", "concat")
@@ -104,6 +105,8 @@ class CaptionerModule(AutoSegModule):
         class_groups: named groups of classes whose accuracy is logged as ``val/region_caption_acc/<group>``.
         num_text_samples: validation captions logged to TensorBoard as text.
         seed: caption sampling seed (only used when ``val_caption`` samples).
+        predict_pipeline: the pipeline ``predict`` runs this captioner in (a preset, YAML, saved folder or repo id;
+            its BLIP is this module's); None: AutoSeg's default settings.
         optimizer: timm optimizer name (``create_optimizer_v2``).
         lr: peak learning rate.
         weight_decay: weight decay (not applied to norms and biases).
@@ -135,6 +138,7 @@ class CaptionerModule(AutoSegModule):
         class_groups: dict[str, list[str]] | None = None,
         num_text_samples: int = 8,
         seed: int = 0,
+        predict_pipeline: str | None = None,
         optimizer: str = "adamw",
         lr: float = 1e-5,
         weight_decay: float = 0.05,
@@ -435,6 +439,15 @@ class CaptionerModule(AutoSegModule):
         logger.experiment.add_text(tag, "\n".join(rows), self.global_step)
 
     # ------------------------------------------------------------------ export
+    # ------------------------------------------------------------------ predict and export
+    def on_predict_start(self) -> None:
+        """The pipeline ``predict`` runs: ``predict_pipeline``'s settings with this module's BLIP."""
+        self.pipeline = self.predict_pipeline_with(self.hparams.predict_pipeline, captioner=self.blip)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Prediction | None]:
+        """The pipeline's predictions with this captioner (None: outputs already written, see ``PredictionWriter``)."""
+        return self.predict_with(batch, self.pipeline.predict)
+
     def export(self, out: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """``save_pretrained`` the BLIP model and processor into ``out/blip`` (for ``infer.py --blip DIR``).
 

@@ -273,12 +273,9 @@ class EnhancerModule(AutoSegModule):
     # ------------------------------------------------------------------ predict and export
     def on_predict_start(self) -> None:
         """The pipeline ``predict`` runs: ``predict_pipeline``'s settings with this module's BLIP and head."""
-        from autoseg.api import build_pipeline, resolve_config
-
-        overrides = {"blip": self.hparams.blip, "enhancer": None, "device": str(self.device)}
-        source = self.hparams.predict_pipeline
-        config, where = resolve_config(source, overrides, "model.init_args.predict_pipeline")
-        self.pipeline = build_pipeline(config, captioner=self.blip, enhancer=self.enhancer, checked=True, where=where)
+        self.pipeline = self.predict_pipeline_with(
+            self.hparams.predict_pipeline, captioner=self.blip, enhancer=self.enhancer
+        )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[Prediction | None]:
         """The pipeline's predictions with this head (None: outputs already written, see ``PredictionWriter``)."""

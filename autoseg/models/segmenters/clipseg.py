@@ -18,7 +18,13 @@ from autoseg.models.loading import load_pretrained
 from autoseg.models.scratch import make_clipseg
 from autoseg.models.segmenters.base import TEXT_CACHE_SIZE, LRUCache, PerNameSegmenter
 from autoseg.models.segmenters.clip_text import template_text_features
-from autoseg.models.segmenters.spec import Backend, SegmenterConfig, nearest_multiples, vision_setting
+from autoseg.models.segmenters.spec import (
+    Backend,
+    SegmenterConfig,
+    nearest_multiples,
+    segmenter_source,
+    vision_setting,
+)
 from autoseg.utils.settings import at_least, config_error, rule
 
 DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
@@ -194,14 +200,14 @@ def assemble(parts: tuple, config: SegmenterConfig) -> CLIPSegSegmenter:
 
 def check(config: SegmenterConfig, read_model_config: Callable[[str], Any], where: str) -> None:
     """The input side must be a multiple of the vision tower's patch size (others crop the right and bottom edge)."""
-    model = read_model_config(config.source if config.source is not None else DEFAULT_CLIPSEG)
+    model = read_model_config(segmenter_source(config))
     patch = vision_setting(model, "patch_size") if model is not None else None
     size = config.options.image_size
     if patch is not None and size % patch:
         raise config_error(
             "segmenter.image_size",
             f"expected a multiple of the segmenter's patch size {patch} (vision_config.patch_size of "
-            f"{config.source or DEFAULT_CLIPSEG}; other sizes crop the image's right and bottom edge), got {size}; "
+            f"{segmenter_source(config)}; other sizes crop the image's right and bottom edge), got {size}; "
             f"e.g. {nearest_multiples(size, patch)}",
             where,
         )
