@@ -249,9 +249,13 @@ class PerNameSegmenter(Segmenter):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def clear_cache(self) -> None:
+        """Forget the cached text embeddings (e.g. between timed benchmark runs); outputs are unchanged."""
+        self._text_cache.clear()
+
     def train(self, mode: bool = True):
         """Also forgets the cached text embeddings (``self._text_cache``): they change when the text side trains."""
-        self._text_cache.clear()
+        self.clear_cache()
         return super().train(mode)
 
     def decode(self, features: Any, text: Any) -> torch.Tensor:
