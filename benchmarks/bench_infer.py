@@ -1,38 +1,68 @@
-"""Inference throughput: AutoSeg's batched pipeline against a faithful re-implementation of the original's flow.
+"""Inference throughput: AutoSeg's batched pipeline against the released code's flow and against plain transformers
+with ordinary batching.
 
-    python benchmarks/bench_infer.py [--images 8] [--device cpu|cuda] [--blip base|large] [--json out.json]
+    python benchmarks/bench_infer.py [--images 8] [--repeats 3] [--batch-size 4] [--blip base] [--json out.json]
+    python benchmarks/bench_infer.py --blip tiny --clipseg tiny --scales 64 96 --images 2 --repeats 1   # smoke
 
-Both run in this process on the same images, with the same models (random weights at BLIP-base or BLIP-large and
-CLIPSeg-rd64 sizes, saved and loaded through AutoSeg's loaders), the same default pipeline settings (scales 384 and
-512, k = 2..8, 5 sampled captions per cluster) and the same vocabulary cap (``max_names`` 16):
+All three flows run in this process on the same photos with the same models: seeded random weights at BLIP-base (or
+``--blip``) and CLIPSeg rd64-refined (or ``--clipseg``) sizes, saved and loaded through AutoSeg's loaders, BLIP's
+``[SEP]`` logit biased so that sampled captions end like real BLIP captions (``infer_models.calibrate_sep_bias``: a
+random decoder never ends one); the default pipeline settings (scales 384 and 512, k = 2..8, 5 sampled captions per
+cluster, top-p 0.9, 4..25 new tokens, seed 0) and ``max_names`` 16. The flows (``infer_flows.py``):
 
-- **naive** (the released code's flow, built from our modules): one image at a time; every scale encoded on its own;
-  k-means run separately for every k; the encoder re-run once per cluster; one ``generate`` call per cluster per
-  caption pass; spaCy on one caption at a time; CLIPSeg's stock forward with the image repeated per name (as its model
-  card shows; text embeddings averaged over the same prompt templates).
-- **ours**: :class:`autoseg.pipeline.AutoSegPipeline` at ``--batch-size`` (default 4).
+- **original**: the released code's order of work, one image at a time: each scale encoded on its own, k-means run
+  separately for every k, BLIP's encoder re-run once per cluster, one stock ``generate`` per cluster per caption pass,
+  spaCy on one caption at a time; its segmenter step encodes each image once, as the released X-Decoder does: one
+  CLIP vision forward per image, the text embeddings of that image's names computed for it (template-averaged
+  ``get_text_features`` on the full prompts, one call per name, no cache across images), the decoder for every name.
+- **hf_batched**: plain transformers with ordinary batching: per batch of ``--batch-size`` images BLIP's vision tower
+  once per scale and AutoSeg's BBoost (the grouping is AutoSeg's method, not a transformers question); per image the
+  re-runs of all its clusters in one padded encoder call (masked: transformers' BLIP encoder takes no mask, so this is
+  AutoSeg's ``run_encoder``), ONE stock ``generate`` for all its clusters and passes (padded states with an encoder
+  attention mask, transformers' own cache, no shared cross-attention; AutoSeg's installed cross-attention only hands
+  that mask on, which transformers v5 drops), one spaCy call, and original's segmenter step (the image encoded once;
+  stock ``get_text_features`` on each name's prompts, CLIP's zero-shot recipe: one call over all of an image's
+  prompts pads them to the longest and was slower on this CPU).
+- **ours**: :meth:`autoseg.pipeline.AutoSegPipeline.predict` on batches of ``--batch-size``.
 
-Timing uses the sampled default captions; a separate greedy run of both on the same images checks that they give
-the same vocabularies and label maps (first ``--check-images`` images): ``names_identical``; ``label_agreement`` = the
-fraction of pixels labelled alike; ``differing_pixels``, and ``max_differing_gap`` = the largest gap there between the
-naive flow's logits of the two labels; ``logit_noise`` = the largest difference between the two flows' logits (both
-compute the same function with differently batched products, which round differently in the last bits);
-``identical`` = the same names, logits that agree to float rounding (noise within ``TIE`` of their size) and label
-maps that differ only at ties (gaps within twice the noise).
+Sampling is AutoSeg's per-row seeded Gumbel-max in every flow (the same captions in any batch). After one warm-up run
+of each flow on one image (lazy loads, first-call allocations), ``--repeats`` rounds run original, hf_batched and ours
+in turn on every image; before each timed run the caches are cleared: the segmenter's text embeddings (the only
+results kept across calls) and the CLIP tokenizer's BPE word cache.
 
-Reported (``--json``): ``ours_ips``, ``naive_ips``, ``speedup``, ``encoder_floor_ratio`` (our time per image over that
-of the BLIP encoder forwards alone, the part no batching removes on a CPU: the full-image passes at each scale and the
-re-runs on each cluster's patches, both batched as our pipeline batches them; ``encoder_floor_ratio_full_images``
-counts the full-image passes only), ``peak_rss_mb``, ``stages`` (our seconds per image per stage) and ``identical``.
+The identity check runs on the timed outputs (sampled, ``--batch-size``, every image of every repeat) for the pairs
+``ours~original``, ``hf_batched~original`` and ``ours~hf_batched`` (the second is the reference). Per pair:
+``names_identical``; ``label_agreement`` (the smallest fraction of an image's pixels labelled alike);
+``differing_pixels`` (per run, the most of any repeat); ``logit_noise`` = the largest difference between the two
+flows' upsampled segmenter logits (recomputed outside the timing: the flows compute the same function with
+differently batched products, which round differently in the last bits), ``logit_noise_relative`` = that over the
+logits' largest size; ``max_differing_gap`` = the largest gap, at a differing pixel, between the reference flow's
+logits of the two labels; ``identical`` = the same names, noise within ``TIE`` of the logits' size and every differing
+pixel a tie (gap within twice the noise). The top-level ``identical`` is true only if every pair is.
+
+JSON (``--json``), times in seconds per image:
+``seconds_per_image`` {flow: {min, median, max, runs}}; ``images_per_second`` {flow: from the median};
+``speedup_vs_original`` and ``speedup_vs_hf_batched`` (median over median) and ``speedups`` (per repeat, paired);
+``stages`` {flow: {stage: median over repeats}}, the stages of ``AutoSegPipeline`` (each flow timed with the same
+``pipe.timed``); ``caption_new_tokens_mean`` (ours, timed runs: tokens decoded per caption after the prompt, [SEP]
+included) and ``caption_tokens`` {flow: {new_tokens_mean, new_tokens_max, captions_per_image, generate_calls_per_image,
+row_steps_per_caption}}, where row-steps are the rows x steps each ``generate`` call decoded, i.e. with the steps of
+rows already closed: the work dropping finished rows would save; ``sep_bias`` and ``sep_calibration_tokens_mean``;
+``original_segment_image_encodes_per_image`` (CLIP vision forwards per image with names in original's timed runs,
+counted by a hook; 1 as in X-Decoder) and ``segment_image_encodes_per_image`` {flow: images through CLIP's vision
+tower per image with names}; ``encoder_floor_ratio`` (ours: total over its encode + cluster_states stages, the BLIP
+encoder forwards no batching removes on a CPU, from the same timed runs; the earlier separately timed floor is
+dropped); ``names_per_image``; ``identity`` {pair: ...} and ``identical``; ``repeats``; ``peak_rss_mb``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import gc
 import json
 import os
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -40,322 +70,256 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transformers import (  # noqa: E402
-    BlipConfig,
-    BlipForConditionalGeneration,
-    BlipImageProcessor,
-    BlipProcessor,
-    CLIPSegConfig,
-    CLIPSegForImageSegmentation,
-    CLIPSegProcessor,
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    ViTImageProcessor,
-)
+from infer_flows import FLOWS, LOGITS, GenerateRecorder, Output, ours_logits  # noqa: E402
+from infer_models import BLIP_SIZES, CALIBRATION_FILE, CLIPSEG_SIZES, english_words, photos, save_models  # noqa: E402, F401
 
 from autoseg.api import build_pipeline  # noqa: E402
 from autoseg.config import PipelineConfig  # noqa: E402
-from autoseg.models.blip_decoding import HF_DEFAULT_TOP_K, GumbelSampler, row_seed  # noqa: E402
-from autoseg.models.scratch import (  # noqa: E402
-    CLIP_MEAN,
-    CLIP_STD,
-    bert_uncased_vocab_dir,
-    blip_tokenizer,
-    clip_tokenizer,
-)
 from autoseg.models.segmenters import SegmenterConfig  # noqa: E402
-from autoseg.models.segmenters.base import labels_from_logits  # noqa: E402
-from autoseg.pipeline import AutoSegPipeline, caption_clusters, cluster_order  # noqa: E402
-from autoseg.vocab.bboost import (  # noqa: E402
-    batched_kmeans,
-    dense_crf,
-    kmeans_draws,
-    majority_filter,
-    relabel_consecutive,
-    resize_labels,
-    soft_labels,
-)
+from autoseg.pipeline import STAGES, AutoSegPipeline  # noqa: E402
 
-TIE = 1e-5  # the two flows' logits may differ by this much relative to their size (about 100 float32 ulps)
-BLIP_SIZES = {  # vision tower; the text decoder is BERT-base in both
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),  # quick checks
-}
+TIE = 1e-5  # two flows' logits may differ by this much relative to their size (about 100 float32 ulps)
+PAIRS = (("ours", "original"), ("hf_batched", "original"), ("ours", "hf_batched"))  # (flow, reference)
 
 
-def save_models(root: Path, blip: str) -> tuple[Path, Path]:
-    """Random BLIP (``blip`` size) and CLIPSeg-rd64-refined (ViT-B/16) models, saved with ``save_pretrained``."""
-    torch.manual_seed(0)
-    tok = blip_tokenizer()
-    vision = dict(**BLIP_SIZES[blip], patch_size=16, image_size=384, initializer_range=0.02)
-    text = dict(vocab_size=len(tok), encoder_hidden_size=vision["hidden_size"], bos_token_id=tok.bos_token_id)
-    text |= dict(pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id, eos_token_id=tok.sep_token_id)
-    model = BlipForConditionalGeneration(BlipConfig(vision_config=vision, text_config=text, initializer_range=0.02))
-    size = {"height": 384, "width": 384}
-    processor = BlipProcessor(BlipImageProcessor(size=size, image_mean=CLIP_MEAN, image_std=CLIP_STD), tok)
-    model.save_pretrained(root / "blip")
-    processor.save_pretrained(root / "blip")
-    ctok = clip_tokenizer(english_words())  # whole English words are one token each, as with CLIP's own BPE
-    config = CLIPSegConfig(
-        vision_config=dict(patch_size=16, image_size=224),  # CLIPSeg rd64: CLIP ViT-B/16, reduce_dim 64
-        text_config=dict(vocab_size=len(ctok), bos_token_id=ctok.bos_token_id, eos_token_id=ctok.eos_token_id),
-        use_complex_transposed_convolution=True,  # the "refined" decoder
+def clear_caches(pipe: AutoSegPipeline) -> None:
+    """Forget what an earlier run left that a later one would reuse: the segmenter's text embeddings and the CLIP
+    tokenizer's BPE word cache (models, spaCy and allocations stay: every flow had its warm-up)."""
+    pipe.segmenter.clear_cache()
+    bpe = getattr(pipe.segmenter.processor.tokenizer, "backend_tokenizer", None)
+    if bpe is not None and hasattr(bpe.model, "_clear_cache"):
+        bpe.model._clear_cache()
+    gc.collect()
+
+
+def timed_run(pipe: AutoSegPipeline, flow: str, images: list, batch_size: int) -> dict:
+    """One timed run of ``flow`` on every image, caches cleared first: outputs, seconds, stage seconds, the caption
+    tokens of every ``generate`` call and the images CLIP's vision tower saw (the recorder and the hook that count
+    them cost microseconds a call)."""
+    clear_caches(pipe)
+    pipe.stage_seconds = dict.fromkeys(STAGES, 0.0)
+    encoded = [0]
+
+    def count(module, args, kwargs) -> None:
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        encoded[0] += pixels.shape[0]
+
+    sync = torch.cuda.synchronize if pipe.captioner.device.type == "cuda" else lambda: None
+    hook = pipe.segmenter.model.clip.vision_model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        with GenerateRecorder(pipe.captioner.model.text_decoder) as rec:
+            sync()
+            start = time.perf_counter()
+            outputs = FLOWS[flow](pipe, images, batch_size)
+            sync()
+            seconds = time.perf_counter() - start
+    finally:
+        hook.remove()
+    return dict(
+        outputs=outputs,
+        seconds=seconds,
+        stages=dict(pipe.stage_seconds),
+        tokens=rec.tokens,
+        row_steps=rec.row_steps,
+        calls=rec.calls,
+        encoded=encoded[0],
     )
-    seg = CLIPSegForImageSegmentation(config)
-    image_processor = ViTImageProcessor(size={"height": 352, "width": 352}, image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    seg.save_pretrained(root / "clipseg")
-    CLIPSegProcessor(image_processor=image_processor, tokenizer=ctok).save_pretrained(root / "clipseg")
-    return root / "blip", root / "clipseg"
-
-
-def english_words() -> list[str]:
-    """BERT-base-uncased's whole words (the names BLIP's tokenizer produces), for a CLIP BPE of realistic lengths."""
-    vocab = (bert_uncased_vocab_dir() / "vocab.txt").read_text(encoding="utf-8").split()
-    return [w for w in vocab if w.isalpha() and w.isascii()]
-
-
-def photos(n: int) -> list[Image.Image]:
-    """``n`` photographs of several sizes (scikit-image's sample data)."""
-    from skimage import data
-
-    pool = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.immunohistochemistry(), data.cat()]
-    sizes = [(640, 480), (500, 375), (480, 640), (512, 512)]
-    return [Image.fromarray(pool[i % len(pool)]).convert("RGB").resize(sizes[i % len(sizes)]) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The naive flow: the released code's order of work, one image at a time, built from AutoSeg's modules
-
-
-def naive_clusters(pipe: AutoSegPipeline, tokens) -> torch.Tensor:
-    """BBoost with one k-means call per scale and k (same seeds as ours), then alignment, CRF and majority filter."""
-    cfg = pipe.bboost.config
-    target = max((t.grid for t in tokens), key=lambda g: g[0] * g[1])
-    maps = []
-    for scale_idx, t in enumerate(tokens):
-        feats = pipe.bboost.features(t.patches, t.grid)  # 1 x N x D'
-        n = feats.shape[1]
-        for k in range(cfg.k_min, cfg.k_max + 1):
-            gen = torch.Generator(device=feats.device).manual_seed(pipe.seed * 1000 + scale_idx * 100 + k)
-            first, uniforms = kmeans_draws(n, min(k, n), cfg.n_init, gen, feats.device)
-            labels, _, _ = batched_kmeans(feats, [min(k, n)], first[None], uniforms[None], cfg.max_iter)
-            maps.append(resize_labels(labels[0, 0].reshape(t.grid), target))
-    probs = soft_labels(maps)
-    if cfg.crf_iters > 0:
-        probs = dense_crf(probs, cfg.crf_weight, cfg.crf_theta, cfg.crf_iters)
-    return relabel_consecutive(majority_filter(probs.argmax(0), cfg.majority_max_passes))
-
-
-def naive_states(pipe: AutoSegPipeline, t, cap_map: torch.Tensor) -> list[torch.Tensor]:
-    """Per cluster, one encoder forward on CLS + its patch embeddings; ``concat`` mode (the default)."""
-    cap, flat, emb = pipe.captioner, cap_map.flatten(), t.embeddings[0]
-    assert pipe.caption_config.mode == "concat", "the naive flow re-implements the default caption mode"
-    states = []
-    for k in range(int(flat.max()) + 1):
-        idx = (flat == k).nonzero()[:, 0]
-        seq = torch.cat([emb[:1], emb[1:][idx]])[None]  # 1 x (1 + n_k) x D
-        local = cap.run_encoder(seq, torch.tensor([seq.shape[1]], device=seq.device))[0]
-        states.append(torch.cat([local, t.patches[0][idx]]))
-    return states
-
-
-def naive_caption(pipe: AutoSegPipeline, state: torch.Tensor, key: int, sample: int) -> str:
-    """One ``generate`` call for one caption (the pass ``sample`` of cluster ``key``), as the original loops."""
-    cap, cfg = pipe.captioner, pipe.caption_config
-    text_cfg = cap.model.config.text_config
-    prompt = cap.prompt_ids(cfg.prompt)[None]
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, do_sample=False)
-    kwargs |= dict(repetition_penalty=cfg.repetition_penalty, eos_token_id=text_cfg.sep_token_id)
-    if cfg.sample:
-        gen = torch.Generator(device=cap.device).manual_seed(row_seed(pipe.seed, key, sample))
-        top_k = cap.model.text_decoder.generation_config.top_k or HF_DEFAULT_TOP_K
-        warpers = [TemperatureLogitsWarper(cfg.temperature)] if cfg.temperature != 1.0 else []
-        kwargs["logits_processor"] = LogitsProcessorList([*warpers, GumbelSampler([gen], top_k, cfg.top_p)])
-    out = cap.model.text_decoder.generate(
-        input_ids=prompt,
-        attention_mask=torch.ones_like(prompt),
-        encoder_hidden_states=state[None],
-        encoder_attention_mask=torch.ones(1, state.shape[0], dtype=torch.long, device=state.device),
-        pad_token_id=text_cfg.pad_token_id,
-        **kwargs,
-    )
-    return cap.processor.tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True).strip().lower()
-
-
-def naive_logits(pipe: AutoSegPipeline, image: Image.Image, names: list[str]) -> torch.Tensor:
-    """CLIPSeg's stock forward: the image repeated once per name, each name's template-averaged text embedding
-    (``get_text_features`` on the full prompts). Returns ``C x h x w``."""
-    seg = pipe.segmenter
-    cond = []
-    for name in names:
-        prompts = seg.tokenize([t.format(name) for t in seg.templates])
-        cond.append(seg.model.clip.get_text_features(**prompts).pooler_output.mean(0))
-    pixel_values = seg.preprocess([image]).repeat(len(names), 1, 1, 1)
-    logits = seg.model(pixel_values=pixel_values, conditional_embeddings=torch.stack(cond)).logits
-    return logits.view(len(names), *logits.shape[-2:])
-
-
-def naive_segment(pipe: AutoSegPipeline, image: Image.Image, names: list[str]) -> np.ndarray:
-    if not names:
-        return np.zeros((image.height, image.width), np.int32)
-    logits = naive_logits(pipe, image, names)
-    return labels_from_logits(logits, (image.height, image.width), pipe.segmenter.threshold)
+# The identity check on the timed outputs
 
 
 @torch.inference_mode()
-def float_ties(pipe: AutoSegPipeline, image: Image.Image, names: list[str], ours: np.ndarray, naive: np.ndarray):
-    """Whether the label maps of one image differ only at float ties.
+def flow_logits(pipe: AutoSegPipeline, flow: str, images: list, outputs: list[Output], bs: int, memo: dict) -> list:
+    """The segmenter logits behind ``outputs`` (per image ``C x h x w``, None without names), as ``flow`` computes
+    them; memoised on the flow and its vocabularies (the runs are deterministic)."""
+    key = (flow, tuple(tuple(o.vocabulary) for o in outputs))
+    if key not in memo:
+        if flow == "ours":
+            memo[key] = ours_logits(pipe, images, [o.vocabulary for o in outputs], bs)
+        else:
+            fn, seg = LOGITS[flow], pipe.segmenter
+            memo[key] = [
+                fn(seg, im, o.vocabulary) if o.vocabulary else None for im, o in zip(images, outputs, strict=True)
+            ]
+    return memo[key]
 
-    Both flows compute the same logits with products batched differently, so their floats differ in the last bits.
-    ``noise`` is the largest difference between the two flows' (upsampled) logits; a pixel labelled differently is a
-    tie when the naive flow's logits of the two labels are within ``2 * noise`` of each other (each may move by
-    ``noise``), and the flows agree when the noise is float rounding: at most ``TIE`` of the logits' size.
 
-    Returns:
-        ``(gaps, noise, scale)``: the naive logit gaps at the differing pixels, the noise, the largest |logit|.
+def compare_image(out: Output, ref: Output, logits: torch.Tensor | None, ref_logits: torch.Tensor | None) -> dict:
+    """One image of two flows: same names, and label maps that differ only at float ties of the reference's logits.
+
+    ``noise`` is the largest difference between the two flows' (upsampled) logits; a differing pixel is a tie when the
+    reference's logits of the two labels are within ``2 * noise`` (each may move by ``noise``), and the flows agree
+    when the noise is float rounding, at most ``TIE`` of the logits' size.
     """
-    size = (image.height, image.width)
-    up = lambda logits: torch.nn.functional.interpolate(logits[None].float(), size=size, mode="bilinear")[0]  # noqa: E731
-    seg = pipe.segmenter
-    naive_up = up(naive_logits(pipe, image, names))  # C x H x W, as labels_from_logits upsamples them
-    ours_up = up(seg.logits(seg.preprocess([image]), names)[0])
-    noise, scale = float((ours_up - naive_up).abs().max()), float(naive_up.abs().max())
-    where = np.nonzero(ours != naive)
-    if (ours[where] == 0).any() or (naive[where] == 0).any():  # unlabelled against a name: not a tie
-        return np.full(where[0].size, np.inf), noise, scale
-    at = naive_up[:, torch.from_numpy(where[0]), torch.from_numpy(where[1])]  # C x D
-    pick = lambda labels: at.gather(0, torch.from_numpy(labels[where] - 1).long()[None])[0]  # noqa: E731
-    return (pick(naive) - pick(ours)).abs().numpy(), noise, scale
+    if out.vocabulary != ref.vocabulary:
+        return dict(names=False, ok=False)
+    where = np.nonzero(out.label_map != ref.label_map)
+    pixels, differing = ref.label_map.size, int(where[0].size)
+    if not ref.vocabulary:
+        return dict(names=True, ok=differing == 0, agreement=1 - differing / pixels, differing=differing)
+    size = ref.label_map.shape
+    up = lambda x: F.interpolate(x[None].float(), size=size, mode="bilinear")[0]  # noqa: E731
+    a, r = up(logits), up(ref_logits)  # C x H x W, as labels_from_logits upsamples them
+    noise, scale = float((a - r).abs().max()), float(r.abs().max())
+    gap = 0.0
+    if differing:
+        if (out.label_map[where] == 0).any() or (ref.label_map[where] == 0).any():  # unlabelled against a name
+            gap = float("inf")
+        else:
+            at = r[:, torch.from_numpy(where[0]), torch.from_numpy(where[1])]  # C x D
+            pick = lambda lm: at.gather(0, torch.from_numpy(lm[where] - 1).long()[None])[0]  # noqa: E731
+            gap = float((pick(ref.label_map) - pick(out.label_map)).abs().max())
+    ok = gap <= 2 * noise and noise <= TIE * scale
+    return dict(
+        names=True, ok=ok, agreement=1 - differing / pixels, differing=differing, gap=gap, noise=noise, scale=scale
+    )
 
 
-@torch.inference_mode()
-def naive_image(pipe: AutoSegPipeline, image: Image.Image):
-    """The whole original flow for one image; returns ``(vocabulary, label map)``."""
-    tokens = [pipe.captioner.encode([image], (size,))[0] for size in pipe.scales]  # each scale on its own
-    cap_tokens = tokens[pipe.caption_index]
-    cap_map = caption_clusters(naive_clusters(pipe, tokens), cap_tokens.grid)
-    states = naive_states(pipe, cap_tokens, cap_map)
-    n_pass = pipe.caption_config.n_passes if pipe.caption_config.sample else 1
-    captions = [[naive_caption(pipe, st, k, p) for p in range(n_pass)] for k, st in enumerate(states)]
-    order = cluster_order(cap_map, len(captions))
-    nouns = [[pipe.nouns.nouns_per_caption([c])[0] for c in captions[k]] for k in order]  # one caption at a time
-    vocabulary = pipe.prediction(image, cap_map, captions, order, nouns).vocabulary
-    return vocabulary, naive_segment(pipe, image, vocabulary)
+def identity(pipe: AutoSegPipeline, images: list, runs: dict[str, list[dict]], bs: int) -> dict:
+    """Every pair of :data:`PAIRS` compared on every image of every repeat (see :func:`compare_image`)."""
+    memo: dict = {}
+    report = {}
+    for flow, ref in PAIRS:
+        rows, mismatches, per_run = [], [], []
+        for r, (a_run, ref_run) in enumerate(zip(runs[flow], runs[ref], strict=True)):
+            la = flow_logits(pipe, flow, images, a_run["outputs"], bs, memo)
+            lr = flow_logits(pipe, ref, images, ref_run["outputs"], bs, memo)
+            parts = zip(a_run["outputs"], ref_run["outputs"], la, lr, strict=True)
+            found = [compare_image(*p) for p in parts]
+            mismatches += [dict(repeat=r, image=i) for i, f in enumerate(found) if not f["names"]]
+            per_run.append(sum(f.get("differing", 0) for f in found))
+            rows += [f for f in found if f["names"]]
+        report[f"{flow}~{ref}"] = dict(
+            names_identical=not mismatches,
+            name_mismatches=mismatches,
+            label_agreement=min((f["agreement"] for f in rows), default=1.0),
+            differing_pixels=max(per_run),
+            max_differing_gap=max((f.get("gap", 0.0) for f in rows), default=0.0),
+            logit_noise=max((f.get("noise", 0.0) for f in rows), default=0.0),
+            logit_noise_relative=max((f.get("noise", 0.0) / f["scale"] for f in rows if f.get("scale")), default=0.0),
+            identical=not mismatches and all(f["ok"] for f in rows),
+        )
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def encoder_floor(pipe: AutoSegPipeline, images: list[Image.Image], batch_size: int) -> tuple[float, float]:
-    """Seconds of the BLIP encoder forwards our pipeline makes, batched as it batches them: the full-image passes at
-    every scale, and the re-runs on each cluster's patches (their cluster maps computed outside the timing)."""
-    batches = [images[s : s + batch_size] for s in range(0, len(images), batch_size)]
-    full = local = 0.0
-    with torch.inference_mode():
-        for batch in batches:
-            tokens, seconds = timed(pipe.captioner.encode, batch, pipe.scales)
-            full += seconds
-            cap = tokens[pipe.caption_index]
-            maps = pipe.bboost.batch([t.patches for t in tokens], [t.grid for t in tokens], seed=pipe.seed)
-            cap_maps = [caption_clusters(m, cap.grid) for m in maps]
-            local += timed(pipe.captioner.batch_cluster_states, cap, cap_maps, pipe.caption_config.mode)[1]
-    return full, local
+def summary(runs: dict[str, list[dict]], n: int) -> dict:
+    """Times, speedups, stage tables and caption-token figures of the timed runs (see the module docstring)."""
+    per_image = {flow: [run["seconds"] / n for run in rs] for flow, rs in runs.items()}
+    median = {flow: statistics.median(v) for flow, v in per_image.items()}
+    stages = {
+        flow: {s: statistics.median(run["stages"].get(s, 0.0) / n for run in rs) for s in STAGES}
+        for flow, rs in runs.items()
+    }
+    tokens = {}
+    for flow, rs in runs.items():
+        counts = [t for run in rs for t in run["tokens"]]
+        tokens[flow] = dict(
+            new_tokens_mean=float(np.mean(counts)) if counts else 0.0,
+            new_tokens_max=max(counts, default=0),
+            captions_per_image=len(counts) / (n * len(rs)),
+            generate_calls_per_image=sum(run["calls"] for run in rs) / (n * len(rs)),
+            row_steps_per_caption=sum(run["row_steps"] for run in rs) / max(len(counts), 1),
+        )
+    with_names = {flow: sum(bool(o.vocabulary) for run in rs for o in run["outputs"]) for flow, rs in runs.items()}
+    encodes = {flow: sum(run["encoded"] for run in rs) / max(with_names[flow], 1) for flow, rs in runs.items()}
+    encoder = stages["ours"]["encode"] + stages["ours"]["cluster_states"]
+    return {
+        "seconds_per_image": {
+            flow: dict(min=min(v), median=median[flow], max=max(v), runs=v) for flow, v in per_image.items()
+        },
+        "images_per_second": {flow: 1 / m for flow, m in median.items()},
+        "speedup_vs_original": median["original"] / median["ours"],
+        "speedup_vs_hf_batched": median["hf_batched"] / median["ours"],
+        "speedups": {
+            "vs_original": [o / u for o, u in zip(per_image["original"], per_image["ours"], strict=True)],
+            "vs_hf_batched": [h / u for h, u in zip(per_image["hf_batched"], per_image["ours"], strict=True)],
+        },
+        "stages": stages,
+        "caption_new_tokens_mean": tokens["ours"]["new_tokens_mean"],
+        "caption_tokens": tokens,
+        "original_segment_image_encodes_per_image": encodes["original"],
+        "segment_image_encodes_per_image": encodes,
+        "encoder_floor_ratio": median["ours"] / encoder if encoder else None,
+        "names_per_image": float(np.mean([len(o.vocabulary) for o in runs["ours"][0]["outputs"]])),
+    }
 
 
-def run_ours(pipe: AutoSegPipeline, images: list[Image.Image], batch_size: int):
-    out = []
-    for start in range(0, len(images), batch_size):
-        out += pipe.predict(images[start : start + batch_size])
-    return [(p.vocabulary, p.label_map) for p in out]
-
-
-def timed(fn, *args):
-    t0 = time.perf_counter()
-    result = fn(*args)
-    return result, time.perf_counter() - t0
-
-
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; prints (and with ``--json`` writes) the figures and returns them."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the three flows")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32 (CPU) or bfloat16 (GPU)")
     p.add_argument("--blip", choices=sorted(BLIP_SIZES), default="base")
+    p.add_argument("--clipseg", choices=sorted(CLIPSEG_SIZES), default="rd64")
+    p.add_argument("--scales", type=int, nargs="+", default=[384, 512], help="BLIP input sizes (multiples of 16)")
     p.add_argument("--max-names", type=int, default=16)
-    p.add_argument("--check-images", type=int, default=4, help="images of the greedy identity check")
     p.add_argument("--json", type=Path, help="write the figures here")
     args = p.parse_args(argv)
+    if args.images < 1 or args.repeats < 1:
+        p.error("--images and --repeats must be >= 1")
+    torch.manual_seed(0)
     images = photos(args.images)
     with tempfile.TemporaryDirectory() as tmp:
-        blip_dir, seg_dir = save_models(Path(tmp), args.blip)
+        blip_dir, seg_dir = save_models(Path(tmp), args.blip, args.clipseg)
+        calibration = json.loads((blip_dir / CALIBRATION_FILE).read_text())
+        segmenter = SegmenterConfig(source=str(seg_dir)).with_options(
+            image_size=CLIPSEG_SIZES[args.clipseg]["input_size"]
+        )
         config = PipelineConfig(
             blip=str(blip_dir),
-            segmenter=SegmenterConfig(source=str(seg_dir)),
+            segmenter=segmenter,
+            scales=tuple(args.scales),
             device=args.device,
             dtype=args.dtype,
             batch_size=args.batch_size,
             max_names=args.max_names,
         )
         pipe = build_pipeline(config)
-    run_ours(pipe, images[:1], 1)  # warm-up: first-call allocations and lazy loads (spaCy) outside the timing
-    naive_image(pipe, images[0])
-
-    pipe.stage_seconds = {}
-    _, ours = timed(run_ours, pipe, images, args.batch_size)
-    stages = {k: v / len(images) for k, v in pipe.stage_seconds.items()}
-    _, naive = timed(lambda: [naive_image(pipe, im) for im in images])
-    floor_full, floor_local = encoder_floor(pipe, images, args.batch_size)
-
-    pipe.caption_config = dataclasses.replace(pipe.caption_config, sample=False)
-    check = images[: args.check_images]
-    ours_greedy = run_ours(pipe, check, args.batch_size)
-    naive_greedy = [naive_image(pipe, im) for im in check]
-    pairs = list(zip(ours_greedy, naive_greedy, strict=True))
-    names_identical = all(a[0] == b[0] for a, b in pairs)
-    agreement = float(np.mean([np.mean(a[1] == b[1]) for a, b in pairs]))
-    ties = [float_ties(pipe, im, b[0], a[1], b[1]) for im, (a, b) in zip(check, pairs, strict=True) if a[0] == b[0]]
-    only_ties = names_identical and all(np.all(g <= 2 * noise) and noise <= TIE * scale for g, noise, scale in ties)
-    floor = floor_full + floor_local
+    for flow in FLOWS:  # warm-up: lazy loads (spaCy) and first-call allocations outside the timing
+        FLOWS[flow](pipe, images[:1], 1)
+    runs: dict[str, list[dict]] = {flow: [] for flow in FLOWS}
+    for _ in range(args.repeats):
+        for flow in FLOWS:
+            runs[flow].append(timed_run(pipe, flow, images, args.batch_size))
+    checks = identity(pipe, images, runs, args.batch_size)
     result = {
         "device": args.device,
+        "dtype": args.dtype,
         "blip": args.blip,
+        "clipseg": args.clipseg,
+        "scales": args.scales,
         "images": len(images),
         "batch_size": args.batch_size,
+        "repeats": args.repeats,
         "threads": torch.get_num_threads(),
-        "ours_ips": len(images) / ours,
-        "naive_ips": len(images) / naive,
-        "speedup": naive / ours,
-        "encoder_floor_ratio": ours / floor,
-        "encoder_floor_ratio_full_images": ours / floor_full,  # the floor without the per-cluster re-runs
+        **summary(runs, len(images)),
+        "sep_bias": calibration["sep_bias"],
+        "sep_calibration_tokens_mean": calibration["new_tokens_mean"],
+        "identical": all(c["identical"] for c in checks.values()),
+        "identity": checks,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "stages": stages,
-        "ours_seconds_per_image": ours / len(images),
-        "naive_seconds_per_image": naive / len(images),
-        "encoder_seconds_per_image": floor / len(images),
-        "encoder_full_image_seconds_per_image": floor_full / len(images),
-        "encoder_cluster_rerun_seconds_per_image": floor_local / len(images),
-        "names_per_image": float(np.mean([len(v) for v, _ in ours_greedy])),
-        "names_identical": names_identical,
-        "label_agreement": agreement,  # fraction of pixels labelled alike in the greedy check
-        "differing_pixels": int(sum(g.size for g, _, _ in ties)),
-        "max_differing_gap": float(max((g.max(initial=0.0) for g, _, _ in ties), default=0.0)),
-        "logit_noise": float(max((noise for _, noise, _ in ties), default=0.0)),  # ours vs naive, largest
-        "logit_noise_relative": float(max((noise / scale for _, noise, scale in ties), default=0.0)),
-        "identical": only_ties,
     }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    sys.exit(0)
