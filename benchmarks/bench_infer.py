@@ -7,8 +7,10 @@ with ordinary batching.
 All three flows run in this process on the same photos with the same models: seeded random weights at BLIP-base (or
 ``--blip``) and CLIPSeg rd64-refined (or ``--clipseg``) sizes, saved and loaded through AutoSeg's loaders, BLIP's
 ``[SEP]`` logit biased so that sampled captions end like real BLIP captions (``infer_models.calibrate_sep_bias``: a
-random decoder never ends one); the default pipeline settings (scales 384 and 512, k = 2..8, 5 sampled captions per
-cluster, top-p 0.9, 4..25 new tokens, seed 0) and ``max_names`` 16. The flows (``infer_flows.py``):
+random decoder rarely ends one; a constant bias gives geometric lengths, a longer tail than real captions, which the
+batched flows pay for: a ``generate`` call runs until its longest row ends); the default pipeline settings (scales 384
+and 512, k = 2..8, 5 sampled captions per cluster, top-p 0.9, 4..25 new tokens, seed 0) and ``max_names`` 16. The flows
+(``infer_flows.py``):
 
 - **original**: the released code's order of work, one image at a time: each scale encoded on its own, k-means run
   separately for every k, BLIP's encoder re-run once per cluster, one stock ``generate`` per cluster per caption pass,
@@ -22,7 +24,7 @@ cluster, top-p 0.9, 4..25 new tokens, seed 0) and ``max_names`` 16. The flows (`
   attention mask, transformers' own cache, no shared cross-attention; AutoSeg's installed cross-attention only hands
   that mask on, which transformers v5 drops), one spaCy call, and original's segmenter step (the image encoded once;
   stock ``get_text_features`` on each name's prompts, CLIP's zero-shot recipe: one call over all of an image's
-  prompts pads them to the longest and was slower on this CPU).
+  prompts pads them to the longest and was slower on this CPU; so its logits equal original's exactly).
 - **ours**: :meth:`autoseg.pipeline.AutoSegPipeline.predict` on batches of ``--batch-size``.
 
 Sampling is AutoSeg's per-row seeded Gumbel-max in every flow (the same captions in any batch). After one warm-up run
@@ -32,13 +34,14 @@ results kept across calls) and the CLIP tokenizer's BPE word cache.
 
 The identity check runs on the timed outputs (sampled, ``--batch-size``, every image of every repeat) for the pairs
 ``ours~original``, ``hf_batched~original`` and ``ours~hf_batched`` (the second is the reference). Per pair:
-``names_identical``; ``label_agreement`` (the smallest fraction of an image's pixels labelled alike);
-``differing_pixels`` (per run, the most of any repeat); ``logit_noise`` = the largest difference between the two
-flows' upsampled segmenter logits (recomputed outside the timing: the flows compute the same function with
-differently batched products, which round differently in the last bits), ``logit_noise_relative`` = that over the
-logits' largest size; ``max_differing_gap`` = the largest gap, at a differing pixel, between the reference flow's
-logits of the two labels; ``identical`` = the same names, noise within ``TIE`` of the logits' size and every differing
-pixel a tie (gap within twice the noise). The top-level ``identical`` is true only if every pair is.
+``names_identical`` and ``name_mismatches`` ({repeat, image} whose names differ); ``label_agreement`` (the smallest
+fraction of an image's pixels labelled alike); ``differing_pixels`` (per run, the most of any repeat); ``logit_noise`` =
+the largest difference between the two flows' upsampled segmenter logits (recomputed outside the timing: the flows
+compute the same function with differently batched products, which round differently in the last bits),
+``logit_noise_relative`` = that over the logits' largest size; ``max_differing_gap`` = the largest gap, at a differing
+pixel, between the reference flow's logits of the two labels; ``identical`` = the same names, noise within ``TIE`` of
+the logits' size and every differing pixel a tie (gap within twice the noise). The top-level ``identical`` is true only
+if every pair is.
 
 JSON (``--json``), times in seconds per image:
 ``seconds_per_image`` {flow: {min, median, max, runs}}; ``images_per_second`` {flow: from the median};
@@ -46,13 +49,16 @@ JSON (``--json``), times in seconds per image:
 ``stages`` {flow: {stage: median over repeats}}, the stages of ``AutoSegPipeline`` (each flow timed with the same
 ``pipe.timed``); ``caption_new_tokens_mean`` (ours, timed runs: tokens decoded per caption after the prompt, [SEP]
 included) and ``caption_tokens`` {flow: {new_tokens_mean, new_tokens_max, captions_per_image, generate_calls_per_image,
-row_steps_per_caption}}, where row-steps are the rows x steps each ``generate`` call decoded, i.e. with the steps of
-rows already closed: the work dropping finished rows would save; ``sep_bias`` and ``sep_calibration_tokens_mean``;
+row_steps_per_caption}}, where row-steps are the rows x steps each ``generate`` call decoded, the steps of rows
+already closed included (row_steps_per_caption - new_tokens_mean: the work dropping finished rows would save);
+``sep_bias`` (added to the ``[SEP]`` logit) and ``sep_calibration_tokens_mean`` (its mean on the calibration states);
 ``original_segment_image_encodes_per_image`` (CLIP vision forwards per image with names in original's timed runs,
 counted by a hook; 1 as in X-Decoder) and ``segment_image_encodes_per_image`` {flow: images through CLIP's vision
 tower per image with names}; ``encoder_floor_ratio`` (ours: total over its encode + cluster_states stages, the BLIP
 encoder forwards no batching removes on a CPU, from the same timed runs; the earlier separately timed floor is
-dropped); ``names_per_image``; ``identity`` {pair: ...} and ``identical``; ``repeats``; ``peak_rss_mb``.
+dropped); ``names_per_image``; ``identity`` {pair: ...} and ``identical``; ``repeats``; ``peak_rss_mb`` (the
+process, all flows); and the settings: ``device``, ``dtype``, ``blip``, ``clipseg``, ``scales``, ``images``,
+``batch_size``, ``threads``.
 """
 
 from __future__ import annotations
