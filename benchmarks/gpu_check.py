@@ -54,7 +54,7 @@ def models(root: Path, smoke: bool) -> dict[str, str]:
         }
     else:
         sys.path.insert(0, str(REPO / "benchmarks"))
-        from bench_infer import save_models
+        from infer_models import save_models
 
         blip, clipseg = save_models(root, "large")
         seg = {"clipseg": clipseg, "sam3": real_sam3(root / "sam3"), "grounded_sam": real_grounded_sam(root / "gs")}
@@ -67,7 +67,7 @@ def models(root: Path, smoke: bool) -> dict[str, str]:
 
 def real_sam3(out: Path) -> Path:
     """SAM 3 with its released configuration (1008 px, 840 M parameters) and random weights."""
-    from bench_infer import english_words
+    from infer_models import english_words
     from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
 
     from autoseg.models.segmenters.sam3 import TEXT_LENGTH
