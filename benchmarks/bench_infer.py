@@ -7,10 +7,10 @@ with ordinary batching.
 All three flows run in this process on the same photos with the same models: seeded random weights at BLIP-base (or
 ``--blip``) and CLIPSeg rd64-refined (or ``--clipseg``) sizes, saved and loaded through AutoSeg's loaders, BLIP's
 ``[SEP]`` logit biased so that sampled captions end like real BLIP captions (``infer_models.calibrate_sep_bias``: a
-random decoder rarely ends one; a constant bias gives geometric lengths, a longer tail than real captions, which the
-batched flows pay for: a ``generate`` call runs until its longest row ends); the default pipeline settings (scales 384
-and 512, k = 2..8, 5 sampled captions per cluster, top-p 0.9, 4..25 new tokens, seed 0) and ``max_names`` 16. The flows
-(``infer_flows.py``):
+random decoder rarely ends one; a constant bias gives geometric lengths, a longer tail than real captions, which
+hf_batched pays for: a ``generate`` call runs until its longest row ends, while ours drops a row as it ends); the
+default pipeline settings (scales 384 and 512, k = 2..8, 5 sampled captions per cluster, top-p 0.9, 4..25 new tokens,
+seed 0) and ``max_names`` 16. The flows (``infer_flows.py``):
 
 - **original**: the released code's order of work, one image at a time: each scale encoded on its own, k-means run
   separately for every k, BLIP's encoder re-run once per cluster, one stock ``generate`` per cluster per caption pass,
@@ -25,7 +25,8 @@ and 512, k = 2..8, 5 sampled captions per cluster, top-p 0.9, 4..25 new tokens, 
   that mask on, which transformers v5 drops), one spaCy call, and original's segmenter step (the image encoded once;
   stock ``get_text_features`` on each name's prompts, CLIP's zero-shot recipe: one call over all of an image's
   prompts pads them to the longest and was slower on this CPU; so its logits equal original's exactly).
-- **ours**: :meth:`autoseg.pipeline.AutoSegPipeline.predict` on batches of ``--batch-size``.
+- **ours**: :meth:`autoseg.pipeline.AutoSegPipeline.predict` on batches of ``--batch-size`` (one decoding loop per
+  batch that stops computing a caption when it ends: :func:`autoseg.models.blip_decoding.decode`).
 
 Sampling is AutoSeg's per-row seeded Gumbel-max in every flow (the same captions in any batch). After one warm-up run
 of each flow on one image (lazy loads, first-call allocations), ``--repeats`` rounds run original, hf_batched and ours
@@ -49,8 +50,8 @@ JSON (``--json``), times in seconds per image:
 ``stages`` {flow: {stage: median over repeats}}, the stages of ``AutoSegPipeline`` (each flow timed with the same
 ``pipe.timed``); ``caption_new_tokens_mean`` (ours, timed runs: tokens decoded per caption after the prompt, [SEP]
 included) and ``caption_tokens`` {flow: {new_tokens_mean, new_tokens_max, captions_per_image, generate_calls_per_image,
-row_steps_per_caption}}, where row-steps are the rows x steps each ``generate`` call decoded, the steps of rows
-already closed included (row_steps_per_caption - new_tokens_mean: the work dropping finished rows would save);
+row_steps_per_caption}}, where row-steps are the rows of every decoder forward (the decoding work, steps spent on
+rows already closed included: row_steps_per_caption - new_tokens_mean is the work spent on ended rows);
 ``sep_bias`` (added to the ``[SEP]`` logit) and ``sep_calibration_tokens_mean`` (its mean on the calibration states);
 ``original_segment_image_encodes_per_image`` (CLIP vision forwards per image with names in original's timed runs,
 counted by a hook; 1 as in X-Decoder) and ``segment_image_encodes_per_image`` {flow: images through CLIP's vision

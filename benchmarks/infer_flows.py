@@ -82,8 +82,10 @@ def new_token_counts(sequences: torch.Tensor, prompt_length: int, sep_id: int) -
 
 
 class GenerateRecorder:
-    """While active, records the rows of every ``decoder.generate`` call: new tokens per caption and the row-steps the
-    call decoded (rows x its longest row), i.e. the decoding work, including steps spent on rows already closed."""
+    """While active, records every caption decoding call: the stock ``decoder.generate`` (original and hf_batched)
+    and AutoSeg's :func:`autoseg.models.blip_decoding.decode` (ours): new tokens per caption, calls, and the
+    row-steps decoded (the rows of every decoder forward: the decoding work, steps spent on rows already closed
+    included, which ``generate`` spends and ``decode`` drops)."""
 
     def __init__(self, decoder: torch.nn.Module):
         self.decoder = decoder
@@ -93,21 +95,38 @@ class GenerateRecorder:
         self.calls = 0
 
     def __enter__(self) -> GenerateRecorder:
-        original = self.decoder.generate
+        from autoseg.models import blip as blip_module
+
+        original, original_decode = self.decoder.generate, blip_module.decode
 
         def generate(*args, **kwargs):
             out = original(*args, **kwargs)
-            counts = new_token_counts(out, kwargs["input_ids"].shape[1], self.sep_id)
-            self.tokens += counts.tolist()
-            self.row_steps += out.shape[0] * (out.shape[1] - kwargs["input_ids"].shape[1])
+            self.tokens += new_token_counts(out, kwargs["input_ids"].shape[1], self.sep_id).tolist()
             self.calls += 1
             return out
 
+        def decode(decoder, prompt, *args, **kwargs):
+            out = original_decode(decoder, prompt, *args, **kwargs)
+            live = args[7] if len(args) > 7 else kwargs.get("live")  # dummy rows are not captions
+            counts = new_token_counts(out, prompt.numel(), self.sep_id)
+            self.tokens += (counts if live is None else counts[live]).tolist()
+            self.calls += 1
+            return out
+
+        def count_rows(module, args, kwargs):
+            self.row_steps += kwargs["input_ids"].shape[0]
+
         self.decoder.generate = generate  # an instance attribute: the class's method comes back on exit
+        blip_module.decode = decode
+        self._restore = (blip_module, original_decode)
+        self._hook = self.decoder.register_forward_pre_hook(count_rows, with_kwargs=True)
         return self
 
     def __exit__(self, *exc) -> None:
         del self.decoder.generate
+        module, original_decode = self._restore
+        module.decode = original_decode
+        self._hook.remove()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -156,21 +156,23 @@ def test_local_reruns_are_one_padded_call_equal_to_unpadded_reruns(greedy, image
                 assert torch.equal(got[1 + len(idx) :], tokens.patches[b][idx])
 
 
-def test_one_encoder_call_for_local_reruns_and_one_generate_per_batch(sampling, images, monkeypatch):
+def test_one_encoder_call_for_local_reruns_and_one_decoding_loop_per_batch(sampling, images, monkeypatch):
     cap = sampling.captioner
-    encoder_calls, generate_calls = [], []
-    run, generate = cap.run_encoder, cap.model.text_decoder.generate
+    encoder_calls, decoder_calls = [], []
+    run = cap.run_encoder
     monkeypatch.setattr(cap, "run_encoder", lambda *a, **k: encoder_calls.append(k) or run(*a, **k))
-    monkeypatch.setattr(
-        cap.model.text_decoder,
-        "generate",
-        lambda *a, **k: generate_calls.append(k["input_ids"].shape) or generate(*a, **k),
+    hook = cap.model.text_decoder.register_forward_pre_hook(
+        lambda mod, args, kw: decoder_calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True
     )
-    preds = sampling.predict(images)  # one batch
+    try:
+        preds = sampling.predict(images)  # one batch
+    finally:
+        hook.remove()
     n_clusters = sum(len(p.captions) for p in preds)
     assert len(encoder_calls) == len(sampling.scales) + 1  # one per scale, one for every local re-run of the batch
-    assert generate_calls and len(generate_calls) == 1
-    assert generate_calls[0][0] == n_clusters * sampling.caption_config.n_passes  # every cluster and pass
+    prefills = [shape for shape in decoder_calls if shape[1] > 1]  # the prompt: once, for every cluster and pass
+    assert prefills == [(n_clusters * sampling.caption_config.n_passes, prefills[0][1])]
+    assert all(shape[1] == 1 for shape in decoder_calls[1:])  # then one token per step
     assert set(sampling.last_stage_seconds) == set(STAGES)
     assert all(s >= 0 for s in sampling.last_stage_seconds.values())
     assert all(sampling.stage_seconds[s] >= sampling.last_stage_seconds[s] for s in STAGES)

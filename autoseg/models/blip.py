@@ -11,12 +11,20 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from transformers import BlipForConditionalGeneration, BlipProcessor, LogitsProcessorList, TemperatureLogitsWarper
+from transformers import (
+    BlipForConditionalGeneration,
+    BlipProcessor,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+)
 
 from autoseg.models.blip_decoding import (
     HF_DEFAULT_TOP_K,
     GumbelSampler,
     SharedCrossCache,
+    decode,
     install_shared_cross_attention,
     row_seed,
 )
@@ -383,15 +391,15 @@ class BlipCaptioner(nn.Module):
         if not cfg.mask_padding:
             mask = torch.ones_like(mask)
         prompt = self.prompt_ids(cfg.prompt)
-        input_ids = prompt[None].expand(rows, -1)
         text_cfg = self.model.config.text_config
+        eos = text_cfg.sep_token_id
         kwargs = dict(
             do_sample=False,  # sampling is Gumbel-max below, with one generator per row
             num_beams=num_beams,
             max_new_tokens=cfg.max_new_tokens,
             min_new_tokens=cfg.min_new_tokens,
             repetition_penalty=cfg.repetition_penalty,
-            eos_token_id=text_cfg.sep_token_id,
+            eos_token_id=eos,
             pad_token_id=text_cfg.pad_token_id,
         )
         if cfg.sample:
@@ -406,21 +414,43 @@ class BlipCaptioner(nn.Module):
             warpers = [TemperatureLogitsWarper(cfg.temperature)] if cfg.temperature != 1.0 else []
             kwargs["logits_processor"] = LogitsProcessorList([*warpers, GumbelSampler(gens, top_k, cfg.top_p)])
         with self.autocast_context():
-            if num_beams == 1:
-                kwargs["cache"] = SharedCrossCache(self.model.text_decoder, states, n_pass, cfg.mask_padding)
-                # keys/values come from the cache; generate only reads the states' shape and dtype
-                encoder_states = states[0].new_zeros(()).expand(rows, length, states[0].shape[-1])
+            if num_beams == 1:  # greedy or sampled: the shared cross-attention and finished rows dropped
+                processors = []
+                if cfg.repetition_penalty != 1.0:
+                    processors.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
+                if cfg.min_new_tokens > 0:
+                    processors.append(
+                        MinNewTokensLengthLogitsProcessor(prompt.numel(), cfg.min_new_tokens, eos, device=self.device)
+                    )
+                sampler = None
+                if cfg.sample:
+                    processors += warpers
+                    sampler = GumbelSampler(gens, top_k, cfg.top_p)
+                live = torch.arange(rows, device=self.device) < n_sets * n_pass  # the spare sets are dummies
+                out = decode(
+                    self.model.text_decoder,
+                    prompt,
+                    SharedCrossCache(self.model.text_decoder, states, n_pass, cfg.mask_padding),
+                    states[0],
+                    processors,
+                    sampler,
+                    eos,
+                    text_cfg.pad_token_id,
+                    cfg.max_new_tokens,
+                    live,
+                    MIN_GENERATE_ROWS,
+                )
             else:  # beam search reorders the cache rows itself: transformers computes keys/values
                 encoder_states = states[0].new_zeros(len(states), length, states[0].shape[-1])
                 for k, st in enumerate(states):
                     encoder_states[k, : st.shape[0]] = st
-            out = self.model.text_decoder.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                encoder_hidden_states=encoder_states,
-                encoder_attention_mask=mask.repeat_interleave(n_pass, 0),
-                **kwargs,
-            )
+                out = self.model.text_decoder.generate(
+                    input_ids=prompt[None].expand(rows, -1),
+                    attention_mask=torch.ones(rows, prompt.numel(), dtype=torch.long, device=self.device),
+                    encoder_hidden_states=encoder_states,
+                    encoder_attention_mask=mask.repeat_interleave(n_pass, 0),
+                    **kwargs,
+                )
         texts = self.processor.tokenizer.batch_decode(out[:, prompt.numel() :], skip_special_tokens=True)
         texts = [t.strip().lower() for t in texts]
         return [texts[i * n_pass : (i + 1) * n_pass] for i in range(n_sets)]

@@ -1,10 +1,16 @@
-"""Decoding helpers of AutoSeg's BLIP captioner: per-row seeded sampling and cross-attention shared by a set's passes.
+"""Decoding helpers of AutoSeg's BLIP captioner: per-row seeded sampling, cross-attention shared by a set's passes,
+and a decoding loop that stops computing the rows that have finished.
 
 Every cluster is captioned ``n_passes`` times from the same encoder states. transformers' cache keeps one copy of the
 cross-attention keys/values per generation row and pads every row to the longest set of the call, so each decoding
 step reads ``rows x max length`` keys and values per layer: on a CPU that memory traffic, not the arithmetic, was
 most of the captioning time. :class:`SharedCrossCache` stores them once per set, in buckets of similar length, and
 :class:`SharedCrossAttention` reads them for all of the set's passes at once.
+
+transformers' ``generate`` keeps every row in the batch until the last one ends (finished rows decode padding), so a
+batch costs its longest caption times its rows. :func:`decode` is the same greedy loop (same processors, same order,
+same stopping) that drops a finished row from every product; the captions are unchanged (checked against
+``generate`` token for token in the tests).
 """
 
 from __future__ import annotations
@@ -57,6 +63,10 @@ class GumbelSampler(LogitsProcessor):
         pick = (values + gumbel).masked_fill(~keep, float("-inf")).argmax(-1, keepdim=True)  # R x 1
         return torch.full_like(scores, float("-inf")).scatter_(1, candidates.gather(1, pick), 0.0)
 
+    def select(self, rows: torch.Tensor) -> GumbelSampler:
+        """The sampler of a subset of the rows (their generators go on where they are)."""
+        return GumbelSampler([self.generators[i] for i in rows.tolist()], self.top_k, self.top_p)
+
 
 def row_seed(seed: int, key: int, sample: int) -> int:
     """Seed of one sampled caption: mixes the run seed, the cluster's key and the pass index (NumPy SeedSequence)."""
@@ -93,6 +103,7 @@ class SharedCrossCache(EncoderDecoderCache):
         dev = states[0].device
         self.group = group
         self.n_sets = len(states)
+        self.slots: torch.Tensor | None = None  # after select_rows: each row's place in the n_sets x group grid
         sizes = [st.shape[0] for st in states]
         if mask_padding:
             padded = [bucket_length(n) for n in sizes]
@@ -133,12 +144,44 @@ class SharedCrossCache(EncoderDecoderCache):
             self.keys.append([k.transpose(-1, -2).contiguous() for k in per_proj[0]])  # G x H x d x L_b
             self.values.append([v.contiguous() for v in per_proj[1]])  # G x H x L_b x d
 
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices into the current rows, in order): self-attention states, and the shared
+        keys/values of the sets that still have a row. A set keeps its ``group`` slots (a dropped row's slot decodes
+        zeros), so its products keep their shape and their results."""
+        self.self_attention_cache.batch_select_indices(rows)
+        grid = torch.arange(self.n_sets * self.group, device=rows.device) if self.slots is None else self.slots
+        slots = grid[rows]
+        kept = torch.unique(slots // self.group)  # positions of the sets that still have rows, in order
+        if len(kept) < self.n_sets:
+            where = torch.full((self.n_sets,), -1, dtype=torch.long, device=rows.device)
+            where[kept] = torch.arange(len(kept), device=rows.device)
+            buckets, keys, values = [], [[] for _ in self.keys], [[] for _ in self.values]
+            for b, (sets, mask) in enumerate(self.buckets):
+                keep = (where[sets] >= 0).nonzero()[:, 0]
+                if len(keep) == 0:
+                    continue
+                buckets.append((where[sets[keep]], None if mask is None else mask[keep]))
+                for layer in range(len(self.keys)):
+                    keys[layer].append(self.keys[layer][b][keep])
+                    values[layer].append(self.values[layer][b][keep])
+            self.buckets, self.keys, self.values = buckets, keys, values
+            slots = where[slots // self.group] * self.group + slots % self.group
+            self.n_sets = len(kept)
+        full = len(slots) == self.n_sets * self.group and bool((slots == torch.arange(len(slots))).all())
+        self.slots = None if full else slots
+
     def attend(self, module: BlipTextSelfAttention, hidden: torch.Tensor) -> torch.Tensor:
-        """Cross-attention of ``R x q x D`` decoder states (``R = n_sets * group``) in layer ``module.layer_idx``,
-        with transformers' operations in transformers' order. Returns ``R x q x (H * d)``."""
+        """Cross-attention of ``R x q x D`` decoder states (``R = n_sets * group``, or the rows kept by
+        :meth:`select_rows`) in layer ``module.layer_idx``, with transformers' operations in transformers' order.
+        Returns ``R x q x (H * d)``."""
         rows, q, _ = hidden.shape
         heads, head = module.num_attention_heads, module.attention_head_size
-        query = module.query(hidden).view(self.n_sets, self.group * q, heads, head).transpose(1, 2)  # S x H x gq x d
+        query = module.query(hidden)  # R x q x (H * d)
+        if self.slots is not None:  # dropped rows' slots decode zeros; every set keeps its shape
+            grid = query.new_zeros(self.n_sets * self.group, q, query.shape[-1])
+            grid[self.slots] = query
+            query = grid
+        query = query.view(self.n_sets, self.group * q, heads, head).transpose(1, 2)  # S x H x gq x d
         single = len(self.buckets) == 1
         context = query if single else torch.empty_like(query)
         for b, (sets, mask) in enumerate(self.buckets):
@@ -152,7 +195,8 @@ class SharedCrossCache(EncoderDecoderCache):
                 context = out
             else:
                 context[sets] = out
-        return context.transpose(1, 2).reshape(rows, q, heads * head)
+        context = context.transpose(1, 2).reshape(self.n_sets * self.group, q, heads * head)
+        return context if self.slots is None else context[self.slots]
 
 
 class SharedCrossAttention(BlipTextSelfAttention):
@@ -189,3 +233,81 @@ def install_shared_cross_attention(decoder: nn.Module) -> None:
     for layer in decoder.bert.encoder.layer:
         if type(layer.crossattention.self) is BlipTextSelfAttention:
             layer.crossattention.self.__class__ = SharedCrossAttention
+
+
+def decode(
+    decoder: nn.Module,
+    prompt: torch.Tensor,
+    cache: SharedCrossCache,
+    states_like: torch.Tensor,
+    processors: Sequence[LogitsProcessor],
+    sampler: GumbelSampler | None,
+    eos: int,
+    pad: int,
+    max_new_tokens: int,
+    live: torch.Tensor | None = None,
+    min_rows: int = 1,
+) -> torch.Tensor:
+    """Greedy decoding (of the sampler's scores when given) of ``cache``'s rows, dropping rows as they finish.
+
+    The steps of transformers' ``generate`` with ``do_sample=False``: the decoder's last logits in float32, the
+    ``processors`` then the ``sampler`` (row by row), the argmax, padding after a row's ``eos``, the end when every row
+    has ended or after ``max_new_tokens``. A finished row is dropped from the batch (its self-attention states and, once
+    all its set's rows have ended, the set's cross-attention keys/values), but at least ``min_rows`` rows are kept
+    (BLAS kernels for 1-3 rows round differently from those for more).
+
+    Args:
+        decoder: a ``BlipTextLMHeadModel`` with :class:`SharedCrossAttention` installed.
+        prompt: ``P`` prompt token ids, the same for every row.
+        cache: the rows' cache (``n_sets * group`` rows).
+        states_like: a tensor of the encoder states' dtype, device and width ``D`` (the decoder reads the shape).
+        processors: row-independent logits processors, in transformers' order.
+        sampler: the rows' sampler (one generator per row), last; None: greedy.
+        live: per row, whether its caption is wanted (False: a dummy row, ended from the start).
+
+    Returns:
+        ``R x (P + T)`` token ids, ``pad`` after a row's ``eos``.
+    """
+    rows, length, dim = cache.n_sets * cache.group, 1, states_like.shape[-1]
+    device = prompt.device
+    ids = prompt[None].expand(rows, -1).clone()  # every row's tokens so far (R x (P + t))
+    alive = torch.ones(rows, dtype=torch.bool, device=device) if live is None else live.clone()
+    active = torch.arange(rows, device=device)  # the rows in the batch (original indices)
+    step_ids = ids
+    positions = torch.arange(ids.shape[1], device=device)[None].expand(rows, -1)
+    for _ in range(max_new_tokens):
+        n = len(active)
+        out = decoder(
+            input_ids=step_ids,
+            cache=cache,
+            position_ids=positions,
+            encoder_hidden_states=states_like.new_zeros(()).expand(n, length, dim),
+            encoder_attention_mask=torch.ones(n, length, dtype=torch.long, device=device),
+            logits_to_keep=1,
+            use_cache=True,
+            is_decoder=True,
+            return_dict=True,
+        )
+        scores = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)
+        history = ids[active]
+        for processor in processors:
+            scores = processor(history, scores)
+        if sampler is not None:
+            scores = sampler(history, scores)
+        tokens = torch.where(alive[active], scores.argmax(-1), pad)
+        ids = torch.cat([ids, ids.new_full((rows, 1), pad)], 1)
+        ids[active, -1] = tokens
+        alive[active[tokens == eos]] = False
+        if not alive.any():
+            break
+        keep = alive[active]
+        if int(keep.sum()) < min_rows:  # ended rows stay in the batch to make up min_rows
+            keep[(~keep).nonzero()[: min_rows - int(keep.sum()), 0]] = True
+        if not keep.all():
+            kept = keep.nonzero()[:, 0]
+            cache.select_rows(kept)
+            sampler = sampler.select(kept) if sampler is not None else None
+            active = active[kept]
+        step_ids = ids[active, -1:]
+        positions = positions.new_full((len(active), 1), ids.shape[1] - 1)
+    return ids
