@@ -123,8 +123,11 @@ def test_page_segments_a_sample_edits_names_and_reports_bad_input(browser, serve
         boxes = css("#status textarea")
         return boxes[0].get_attribute("value") if boxes else ""
 
-    def wait_status(prefix):
-        wait.until(lambda _: status().startswith(prefix), f"the status never started with {prefix!r}")
+    def wait_status(prefix, containing=""):
+        wait.until(
+            lambda _: status().startswith(prefix) and containing in status(),
+            f"the status never started with {prefix!r} (containing {containing!r})",
+        )
         return status()
 
     def legend():
@@ -145,10 +148,10 @@ def test_page_segments_a_sample_edits_names_and_reports_bad_input(browser, serve
     css("#upload input[type=file]")[0].send_keys(str(SAMPLE))
     wait_status("000002.png: 128 x 128 px")
     css("#run")[0].click()
-    found = wait_status("000002.png: found ")
+    found = wait_status("000002.png: ", containing="names")
     wait.until(lambda _: legend() and table_names(), "no names shown")
-    names = table_names()
-    assert f"found {len(names)} names: {', '.join(names)}" in found
+    names = table_names()  # the names that label pixels, as the status lists them
+    assert f"{', '.join(names)}" in found
     shown = legend()
     assert shown == [n for n in names if n in shown]  # the legend: the names that label pixels, in the same order
     masks = css("#segmentation img.mask")
@@ -178,8 +181,11 @@ def test_page_segments_a_sample_edits_names_and_reports_bad_input(browser, serve
     # add a name of one's own
     css("#new-name textarea, #new-name input")[0].send_keys("pebble")
     css("#add")[0].click()
-    wait_status("Added 'pebble'")
-    wait.until(lambda _: table_names() and table_names()[-1] == "pebble", "the added name is not listed")
+    added = wait_status("Added 'pebble'")
+    if "no pixels:" in added and "pebble" in added.split("no pixels:")[1]:
+        assert "pebble" not in table_names()  # it lost every pixel to the other names: not in the legend either
+    else:
+        wait.until(lambda _: table_names() and table_names()[-1] == "pebble", "the added name is not listed")
 
     # the screenshot shows the edited result with one name selected
     d.set_window_size(1400, 1900)
@@ -199,7 +205,9 @@ def test_page_segments_a_sample_edits_names_and_reports_bad_input(browser, serve
     css("#upload input[type=file]")[0].send_keys(str(bad))
     message = wait_status("Cannot use this file: notes.txt: not a readable image")
     assert str(tmp_path) not in message
+    wait.until(lambda _: not legend() and not table_names(), "the previous image's result is still shown")
     css("#run")[0].click()
     wait_status("Upload an image or pick a sample first.")
     css("#samples img")[0].click()  # a bundled sample, picked in the gallery
     wait_status("000000.png: 128 x 128 px")
+    wait.until(lambda _: "notes.txt" not in css("#upload")[0].text, "the refused file is still in the upload box")

@@ -261,6 +261,7 @@ class DemoBackend:
                 found = self.pipeline.vocabulary(
                     [image], seed=config.seed, bboost=config.bboost, caption=config.caption
                 )[0]
+                found.image = None  # the cache keeps names, captions and the small cluster map, never the image
                 found.extra["seconds_vocabulary"] = round(time.perf_counter() - t0, 3)
                 self._cache[key] = found
                 while len(self._cache) > self._cache_size:
