@@ -101,8 +101,8 @@ def test_per_call_settings_are_arguments_and_leave_the_pipeline_alone(demo):
 def test_keyword_overrides_and_sources():
     from autoseg.api import overrides_from_kwargs, resolve_config
 
-    config, where = resolve_config("demo", overrides_from_kwargs({"seed": 3, "bboost": {"k_max": 7}}))
-    assert (config.seed, config.bboost.k_min, config.bboost.k_max) == (3, 6, 7) and where.endswith("pipeline.yaml")
+    config, where = resolve_config("demo", overrides_from_kwargs({"seed": 3, "bboost": {"k_max": 14}}))
+    assert (config.seed, config.bboost.k_min, config.bboost.k_max) == (3, 12, 14) and where.endswith("pipeline.yaml")
     kwargs = overrides_from_kwargs({"segmenter": "my/seg", "segmenter_backend": "sam3", "dtype": "bfloat16"})
     assert kwargs == {"segmenter": {"name": "sam3", "source": "my/seg"}, "dtype": "bfloat16"}
     with pytest.raises(TypeError, match=r"unknown setting\(s\) \['colour'\]; allowed: \[.*'seed'"):

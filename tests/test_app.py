@@ -3,6 +3,7 @@ segmenter alone, the files infer.py writes, bad uploads), the page's handlers, a
 
 The shipped demo preset (small, real, offline) is the pipeline; one test runs the tiny random models of conftest."""
 
+import dataclasses
 import json
 import tempfile
 import threading
@@ -110,8 +111,8 @@ def test_settings_parse_apply_and_vocabulary_key():
     new = s.apply(config)
     assert (new.seed, new.bboost.k_min, new.bboost.k_max, new.caption.n_passes) == (3, 2, 5, 2)
     assert new.segmenter.threshold == 0.25
-    assert config.seed == 0 and config.bboost.k_min == 6  # the shared config is not changed
-    assert Settings.from_config(config) == Settings(0, 6, 6, 3, 0.0)
+    assert config.seed == 0 and config.bboost.k_min == 12  # the shared config is not changed
+    assert Settings.from_config(config) == Settings(0, 12, 12, 8, 0.0)
     assert s.vocabulary_key() == Settings(3, 2, 5, 2, 0.9).vocabulary_key()  # the threshold is the segmenter's
     with pytest.raises(ValueError, match="'k min' must be a whole number, got 2.5"):
         Settings.parse(0, 2.5, 5, 2, 0)
@@ -214,9 +215,9 @@ def test_resegment_runs_the_segmenter_alone(backend, result, monkeypatch):
 def test_threshold_is_per_request_and_the_shared_segmenter_is_untouched(demo, backend, result):
     _, pipeline = demo
     before = pipeline.segmenter.threshold
-    strict = backend.resegment(result, result.prediction.vocabulary, threshold=0.95)
+    strict = backend.resegment(result, result.prediction.vocabulary, threshold=0.99999)
     assert pipeline.segmenter.threshold == before
-    assert strict.settings.threshold == 0.95
+    assert strict.settings.threshold == 0.99999
     assert (strict.prediction.label_map == 0).sum() >= (result.prediction.label_map == 0).sum()
     assert (strict.prediction.label_map == 0).any()  # the demo segmenter is not that sure everywhere
     relaxed = backend.resegment(strict, strict.prediction.vocabulary, threshold=0.0)
@@ -254,9 +255,9 @@ def test_vocabulary_stage_is_cached_per_image_and_settings(backend, monkeypatch)
     monkeypatch.setattr(type(backend.pipeline), "vocabulary", counting)
     image = backend.load(SAMPLE)
     a = backend.analyse(image, "a.png", backend.defaults)
-    b = backend.analyse(image.copy(), "b.png", Settings(0, 6, 6, 3, 0.5))  # same content, another threshold
+    b = backend.analyse(image.copy(), "b.png", dataclasses.replace(backend.defaults, threshold=0.5))  # same content
     assert len(calls) == 1 and b.found is a.found and b.settings.threshold == 0.5
-    c = backend.analyse(image, "a.png", Settings(7, 6, 6, 3, 0.0))
+    c = backend.analyse(image, "a.png", dataclasses.replace(backend.defaults, seed=7))
     assert calls == [0, 7] and c.settings.seed == 7
 
 

@@ -43,7 +43,7 @@ def test_batch_size_does_not_change_the_demo_outputs(seed, tmp_path):
 
 
 def test_a_kill_between_two_images_of_a_batch_then_resume_equals_an_uninterrupted_run(tmp_path):
-    names = shapes_images(tmp_path / "in", 11, 6)
+    names = shapes_images(tmp_path / "in", 11, 13)
     argv = ["--preset", "demo", "--batch-size", "5", "--skip-existing"]
     assert infer_main([str(tmp_path / "in"), "-o", str(tmp_path / "ref"), *argv]) == 0
     out = tmp_path / "out"

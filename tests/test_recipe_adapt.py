@@ -156,7 +156,7 @@ def test_stage_configs_fill_in_sources_budgets_and_logger(tmp_path):
 
 def test_caption_scale_defaults_to_the_finest_and_scales_the_captioner_steps(tmp_path):
     _, settings = adapt.starting_pipeline("demo")
-    assert settings["scales"] == [128, 192] and settings["caption_scale"] == 128
+    assert settings["scales"] == [128, 192] and settings["caption_scale"] == 192
     assert adapt.pick_caption_scale(settings, None) == 192 and adapt.pick_caption_scale(settings, 128) == 128
     with pytest.raises(ValueError, match="not one of"):
         adapt.pick_caption_scale(settings, 160)

@@ -72,16 +72,18 @@ TRAIN_STEPS = {
 
 # The pipeline the shipped models are meant for (paths are filled in by ``assemble``). Chosen on a development set
 # (seed 777, neither training nor held-out): on an 8 x 8 / 12 x 12 patch grid a thing covers a handful of patches, so
-# BBoost keeps six clusters without CRF or majority smoothing (both erase small things), and three sampled captions per
-# cluster name more of the things (the segmenter still decides which name each pixel gets).
+# BBoost keeps twelve clusters without CRF or majority smoothing (both erase small things), and eight captions per
+# cluster sampled from the whole top-50 (top-p 1.0) name nearly every thing present: recall matters more than the
+# false names it brings, since the segmenter decides which name each pixel gets (dev mIoU 73.2 with six clusters and
+# three captions at top-p 0.9, 78.1 with these).
 DEMO_PIPELINE = {
     "scales": [128, 192],
     "caption_scale": 192,  # the captioner trains at 192 px: a 12 x 12 patch grid, so small shapes span more patches
     "device": "cpu",
     "batch_size": 8,
     "bboost": {
-        "k_min": 6,
-        "k_max": 6,
+        "k_min": 12,
+        "k_max": 12,
         "n_init": 4,
         "max_iter": 50,
         "pos_dim": 32,
@@ -92,8 +94,8 @@ DEMO_PIPELINE = {
     "caption": {
         "mode": "global",
         "sample": True,
-        "n_passes": 3,
-        "top_p": 0.9,
+        "n_passes": 8,
+        "top_p": 1.0,
         "max_new_tokens": 12,
         "min_new_tokens": 1,
     },
