@@ -228,7 +228,7 @@ def original_states(pipe: AutoSegPipeline, t: ScaleTokens, cap_map: torch.Tensor
     for k in range(int(flat.max()) + 1):
         idx = (flat == k).nonzero()[:, 0]
         seq = torch.cat([emb[:1], emb[1:][idx]])[None]  # 1 x (1 + n_k) x D
-        local = cap.run_encoder(seq, torch.tensor([seq.shape[1]], device=seq.device))[0]
+        local = stock_layers(cap, seq)[0]
         states.append(torch.cat([local, t.patches[0][idx]]))
     return states
 
@@ -253,7 +253,7 @@ def original_caption(pipe: AutoSegPipeline, state: torch.Tensor, key: int, sampl
 def original_image(pipe: AutoSegPipeline, image: Image.Image) -> Output:
     """The whole original flow for one image."""
     with pipe.timed("encode"):
-        tokens = [pipe.captioner.encode([image], (size,))[0] for size in pipe.scales]  # each scale on its own
+        tokens = [hf_encode(pipe.captioner, [image], size) for size in pipe.scales]  # each scale on its own
     cap_tokens = tokens[pipe.caption_index]
     with pipe.timed("bboost"):
         cap_map = caption_clusters(original_clusters(pipe, tokens), cap_tokens.grid)
@@ -281,6 +281,14 @@ def run_original(pipe: AutoSegPipeline, images: Sequence[Image.Image], batch_siz
 # hf_batched: plain transformers with ordinary batching
 
 
+def stock_layers(cap: BlipCaptioner, emb: torch.Tensor) -> torch.Tensor:
+    """transformers' own BLIP encoder layers (its ``BlipAttention``: scores, softmax, product) and final layer norm
+    on unpadded ``B x L x D`` embeddings, what the released code and a plain-transformers user run."""
+    vision = cap.model.vision_model
+    with cap.autocast_context():
+        return vision.post_layernorm(vision.encoder(inputs_embeds=emb).last_hidden_state)
+
+
 def hf_encode(cap: BlipCaptioner, images: Sequence[Image.Image], size: int) -> ScaleTokens:
     """BLIP's vision tower on a batch at one scale with transformers' own modules (embeddings, encoder, final layer
     norm); the embeddings are kept for the cluster re-runs."""
@@ -289,7 +297,7 @@ def hf_encode(cap: BlipCaptioner, images: Sequence[Image.Image], size: int) -> S
     pixels = cap.processor.image_processor(list(images), size=size_arg, return_tensors="pt")["pixel_values"]
     with cap.autocast_context():
         emb = vision.embeddings(pixels.to(device=cap.device, dtype=cap.dtype), interpolate_pos_encoding=True)
-        hidden = vision.post_layernorm(vision.encoder(inputs_embeds=emb).last_hidden_state)
+    hidden = stock_layers(cap, emb)
     grid = (size // cap.patch_size, size // cap.patch_size)
     return ScaleTokens(size, grid, hidden[:, 0], hidden[:, 1:], emb)
 
