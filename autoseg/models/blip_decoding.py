@@ -126,7 +126,7 @@ class SharedCrossCache(EncoderDecoderCache):
                 mask = mask[:, None, None, :]  # G x 1 x 1 x L_b
             self.buckets.append((torch.tensor(sets, device=dev), mask))
             layouts.append((len(sets), length, src, dst))
-        self.keys: list[list[torch.Tensor]] = []  # per layer, per bucket: G x H x d x L_b
+        self.keys: list[list[torch.Tensor]] = []  # per layer, per bucket: G x H x L_b x d
         self.values: list[list[torch.Tensor]] = []  # per layer, per bucket: G x H x L_b x d
         for layer in decoder.bert.encoder.layer:
             att = layer.crossattention.self
@@ -140,8 +140,8 @@ class SharedCrossCache(EncoderDecoderCache):
                     buf[dst] = rows[src]
                     out.append(buf.view(n_sets, length, -1, att.attention_head_size).transpose(1, 2))  # G x H x L x d
                 per_proj.append(out)
-            # contiguous in the layout the products read (keys transposed): no copy at each decoding step
-            self.keys.append([k.transpose(-1, -2).contiguous() for k in per_proj[0]])  # G x H x d x L_b
+            # contiguous in the layout attention reads: no copy at each decoding step
+            self.keys.append([k.contiguous() for k in per_proj[0]])  # G x H x L_b x d
             self.values.append([v.contiguous() for v in per_proj[1]])  # G x H x L_b x d
 
     def select_rows(self, rows: torch.Tensor) -> None:
@@ -172,7 +172,8 @@ class SharedCrossCache(EncoderDecoderCache):
 
     def attend(self, module: BlipTextSelfAttention, hidden: torch.Tensor) -> torch.Tensor:
         """Cross-attention of ``R x q x D`` decoder states (``R = n_sets * group``, or the rows kept by
-        :meth:`select_rows`) in layer ``module.layer_idx``, with transformers' operations in transformers' order.
+        :meth:`select_rows`) in layer ``module.layer_idx``: transformers' projections, its softmax attention fused
+        (``scaled_dot_product_attention``: about 2x faster on a CPU; equal within float rounding).
         Returns ``R x q x (H * d)``."""
         rows, q, _ = hidden.shape
         heads, head = module.num_attention_heads, module.attention_head_size
@@ -186,11 +187,11 @@ class SharedCrossCache(EncoderDecoderCache):
         context = query if single else torch.empty_like(query)
         for b, (sets, mask) in enumerate(self.buckets):
             qb = query if single else query[sets]  # G x H x gq x d
-            scores = torch.matmul(qb, self.keys[module.layer_idx][b]) / math.sqrt(head)
-            if mask is not None:
-                scores = scores + mask
-            probs = module.dropout(nn.functional.softmax(scores, dim=-1))
-            out = torch.matmul(probs, self.values[module.layer_idx][b])  # G x H x gq x d
+            keys, values = self.keys[module.layer_idx][b], self.values[module.layer_idx][b]
+            drop = module.dropout.p if module.training else 0.0
+            out = nn.functional.scaled_dot_product_attention(
+                qb, keys, values, attn_mask=mask, dropout_p=drop, scale=1 / math.sqrt(head)
+            )  # G x H x gq x d
             if single:
                 context = out
             else:
