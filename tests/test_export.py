@@ -98,7 +98,7 @@ def decode_panoptic(dest: Path) -> dict[str, np.ndarray]:
         for seg in ann["segments_info"]:
             assert seg["area"] == (ids == seg["id"]).sum() > 0
             canvas[ids == seg["id"]] = cats[seg["category_id"]]
-        assert set(np.unique(ids)) == {0} | {s["id"] for s in ann["segments_info"]}
+        assert set(np.unique(ids)) - {0} == {s["id"] for s in ann["segments_info"]}
         out[Path(images[ann["image_id"]]["file_name"]).with_suffix("").as_posix()] = canvas
     return out
 
@@ -389,3 +389,34 @@ def test_folder_export_skips_an_image_it_cannot_find(tmp_path):
     images.rename(moved)  # the recorded paths are gone; --images says where the images are now
     (moved / "a.png").write_bytes((moved / "c.png").read_bytes())
     assert export(preds, "folder", tmp_path / "out2", "--images", str(moved)) == 0
+
+
+# ------------------------------------------------------------------------------------------ infer.py --export
+
+
+def test_infer_export_writes_the_run_in_the_format(tmp_path, tiny_blip_dir, tiny_clipseg_dir, capsys):
+    """The real pipeline (tiny random models) then --export: the export decodes to the PNGs infer.py wrote."""
+    from autoseg.cli.infer import main as infer_main
+    from autoseg.outputs import read_prediction
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(5)
+    for name, (h, w) in {"p0": (40, 48), "p1": (36, 30)}.items():
+        Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)).save(inputs / f"{name}.png")
+    (inputs / "broken.png").write_bytes(b"\x89PNG not really")
+    argv = [str(inputs), "-o", str(tmp_path / "run"), "--config", "configs/debug/pipeline.yaml"]
+    argv += ["--blip", str(tiny_blip_dir), "--segmenter", str(tiny_clipseg_dir), "--seed", "1"]
+    assert infer_main([*argv, "--export", "coco-panoptic"]) == 1  # the broken file failed; the rest is exported
+    dest = tmp_path / "run_coco-panoptic"
+    summary = json.loads((dest / "summary.json").read_text())
+    assert summary["images_exported"] == 2 and summary["images_skipped"] == 1
+    assert "broken.png" in summary["skipped"][0]["reason"]
+    decoded = decode_panoptic(dest)
+    for stem in ("p0", "p1"):
+        label_map, vocabulary = read_prediction(tmp_path / "run", stem)
+        assert (decoded[stem] == names_of(label_map, vocabulary)).all()
+    # a second run would overwrite the export: refused before any model loads
+    capsys.readouterr()
+    assert infer_main([*argv, "-o", str(tmp_path / "run2"), "--export", "coco", "--export-out", str(dest)]) == 2
+    assert str(dest) in capsys.readouterr().err and not (tmp_path / "run2").exists()

@@ -58,7 +58,7 @@ class PredictionSource:
             for stem in sorted(lines):
                 entry = lines[stem]
                 ok = entry.get("status") == "ok"
-                yield stem, None if ok else f"{entry.get('input', stem)}: {entry.get('reason', 'not segmented')}"
+                yield stem, None if ok else str(entry.get("reason") or f"{entry.get('input', stem)}: not segmented")
             return
         for record in sorted(self.pred_dir.rglob("*.json")):
             rel = record.relative_to(self.pred_dir).with_suffix("")
