@@ -43,11 +43,18 @@ class CvatWriter:
         self.zip = zipfile.ZipFile(out / self.FILE, "w", compression=zipfile.ZIP_STORED)
         self.names_path = out / ".default.txt.part"
         self.names = self.names_path.open("w", encoding="utf-8")
+        self._colours = None
+
+    def colours(self):
+        """Each category's colour (black for ``background``), recomputed only when categories were added."""
+        if self._colours is None or len(self._colours) != len(self.categories) + 1:
+            self._colours = self.categories.colours()
+            if BACKGROUND in self.categories.names:  # CVAT's background label is black, as unlabelled pixels are
+                self._colours[self.categories.names.index(BACKGROUND) + 1] = 0
+        return self._colours
 
     def add(self, item: ExportImage) -> None:
-        colours = self.categories.colours()
-        if BACKGROUND in self.categories.names:  # CVAT's background label is black, as unlabelled pixels are
-            colours[self.categories.names.index(BACKGROUND) + 1] = 0
+        colours = self.colours()
         buffer = io.BytesIO()
         Image.fromarray(colours[item.label_map], mode="RGB").save(buffer, format="PNG")
         self.zip.writestr(f"SegmentationClass/{item.stem}.png", buffer.getvalue())
