@@ -18,6 +18,7 @@ from autoseg.cli.common import (
     check_run_args,
     config_from_args,
 )
+from autoseg.export import FORMATS, check_destination, export_predictions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument("--skip-existing", action="store_true", help="keep outputs already in DIR, process the rest")
+    g = p.add_argument_group("export (python -m autoseg.export has every option)")
+    g.add_argument("--export", choices=list(FORMATS), metavar="FORMAT", help=f"then export as {', '.join(FORMATS)}")
+    g.add_argument("--export-out", type=Path, metavar="DEST", help="export folder (default: DIR_FORMAT beside DIR)")
     return add_device_args(add_pipeline_args(p))
+
+
+def export_dest(args: argparse.Namespace) -> Path | None:
+    """Where ``--export`` writes: ``--export-out``, or ``DIR_FORMAT`` beside the output folder."""
+    if args.export is None:
+        return None
+    return args.export_out or args.output.with_name(f"{args.output.name}_{args.export}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not found:
                 raise ValueError(f"no files found in {' '.join(args.paths)}")
             check_apart(args.output, args.paths, "input", "output folder")
+            if args.export is not None:  # refused now rather than after the run
+                check_destination(args.output, export_dest(args), force=False, inputs=args.paths)
             config = config_from_args(args)
             out_dir = prepare_output_dir(args.output)
             rank = launch_rank(args.devices, args.num_nodes)
@@ -74,4 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(entries) - len(failed)} of {len(entries)} inputs segmented; outputs in {args.output}")
     for e in failed:
         print(f"  failed: {e.get('reason', e['input'])}", file=sys.stderr)
+    if args.export is not None:
+        try:
+            print(export_predictions(args.output, args.export, export_dest(args))["text"])
+        except (OSError, ValueError) as e:
+            print(f"infer.py: export error: {e}", file=sys.stderr)
+            return EXIT_SOME_FAILED
     return EXIT_SOME_FAILED if failed else EXIT_OK

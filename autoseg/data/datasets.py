@@ -394,15 +394,14 @@ _FOLDER_LAYOUT = (
 )
 
 
-def folder(root: str | os.PathLike, split: str | None = None, limit: int | None = None) -> SegmentationDataset:
-    """A folder of ``images/NAME.*`` with ``masks/NAME.png`` and ``classes.txt``; ``split`` is ignored (no splits).
+def read_class_list(classes_txt: str | os.PathLike) -> list[str]:
+    """The class names of a folder dataset's ``classes.txt``: one per line (blank lines skipped), value = line number.
 
-    A class named ``background`` (any case) is scored as background (``background_index``).
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: no class, more than 254 (they must fit a uint8 mask beside 255 = ignore), or a repeated name.
     """
-    base = Path(root)
-    if not base.is_dir():
-        raise FileNotFoundError(f"{base}: folder dataset root not found; expected layout {_FOLDER_LAYOUT}")
-    classes_txt = base / "classes.txt"
+    classes_txt = Path(classes_txt)
     if not classes_txt.is_file():
         raise FileNotFoundError(f"{classes_txt}: class list not found; expected layout {_FOLDER_LAYOUT}")
     classes = [line.strip() for line in classes_txt.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -411,6 +410,18 @@ def folder(root: str | os.PathLike, split: str | None = None, limit: int | None 
     dupes = sorted({c for c in classes if classes.count(c) > 1})
     if dupes:
         raise ValueError(f"{classes_txt}: class names repeat: {dupes}")
+    return classes
+
+
+def folder(root: str | os.PathLike, split: str | None = None, limit: int | None = None) -> SegmentationDataset:
+    """A folder of ``images/NAME.*`` with ``masks/NAME.png`` and ``classes.txt``; ``split`` is ignored (no splits).
+
+    A class named ``background`` (any case) is scored as background (``background_index``).
+    """
+    base = Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: folder dataset root not found; expected layout {_FOLDER_LAYOUT}")
+    classes = read_class_list(base / "classes.txt")
     image_dir = _require_dir(base / "images", "images", _FOLDER_LAYOUT)
     mask_dir = _require_dir(base / "masks", "masks", _FOLDER_LAYOUT)
     images = _files_by_stem(image_dir)
