@@ -220,7 +220,8 @@ def test_folder_export_copies_the_images(tmp_path):
 
 
 def test_labelstudio_rle_matches_label_studio_sdk(tmp_path):
-    """Where label-studio-sdk is installed (it is not a dependency), its own decoder reads the same masks."""
+    """label-studio-sdk's own decoder reads the same masks (the README's install adds the SDK without its
+    dependencies; its brush module needs only numpy and Pillow)."""
     pytest.importorskip("label_studio_sdk")
     from label_studio_sdk.converter.brush import decode_rle
 
@@ -234,6 +235,11 @@ def test_labelstudio_rle_matches_label_studio_sdk(tmp_path):
 def test_brush_encoder_on_edge_cases():
     from autoseg.export.brush import mask_to_rle
 
+    try:
+        from label_studio_sdk.converter.brush import decode_rle as sdk_decode
+    except ImportError:
+        sdk_decode = None
+
     rng = np.random.default_rng(3)
     for mask in (
         np.zeros((1, 1), bool),
@@ -243,6 +249,8 @@ def test_brush_encoder_on_edge_cases():
     ):
         values = decode_brush(mask_to_rle(mask)).reshape(*mask.shape, 4)
         assert (values == (mask[..., None] * 255)).all()
+        if sdk_decode is not None:
+            assert (sdk_decode(mask_to_rle(mask)).reshape(*mask.shape, 4) == values).all()
 
 
 # ------------------------------------------------------------------------------------------------ class mapping
