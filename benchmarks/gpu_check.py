@@ -176,7 +176,7 @@ def check_train_step(ctx: dict, module: str) -> dict:
         ]
     )
     loss = result.metrics.get("train/loss")
-    return {"ok": result.step == 2 and loss is not None and np.isfinite(loss), "train_loss": loss}
+    return {"ok": result.step == 2 and loss is not None and bool(np.isfinite(loss)), "train_loss": loss}
 
 
 def check_multi_process_predict(ctx: dict) -> dict:
@@ -239,7 +239,7 @@ def run_check(name: str, fn: Callable[[], dict]) -> dict:
         found = fn()
     except Exception as e:  # noqa: BLE001 - a failed check is reported, the others still run
         found = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
-    found = {"name": name, **found, "seconds": round(time.perf_counter() - t0, 1)}
+    found = {"name": name, **found, "ok": bool(found["ok"]), "seconds": round(time.perf_counter() - t0, 1)}
     print(json.dumps({k: v for k, v in found.items() if k != "traceback"}), flush=True)
     return found
 
