@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -151,3 +151,89 @@ class VideoWriter:
             self.close()
         else:
             self.abort()
+
+
+def list_frame_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files directly in ``folder`` (hidden ones skipped), sorted by name: a clip's frames in order."""
+    from autoseg.utils.io import IMAGE_EXTENSIONS
+
+    return sorted(
+        p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+
+
+class ClipSource:
+    """A clip to segment: a video file or a folder of frames (sorted by file name; frame ``i`` = ``i``-th file).
+
+    Args:
+        path: the video file or the frames folder.
+        name: output name (relative stem) of the clip.
+        fps: frame rate of a frames folder (a video file has its own).
+    """
+
+    def __init__(self, path: str | os.PathLike, name: str | os.PathLike, fps: float = 10.0) -> None:
+        self.path = Path(path)
+        self.name = Path(name)
+        self.is_video = self.path.is_file()
+        self._fps = fps
+
+    @property
+    def fps(self) -> float:
+        """Frames per second of the source (a video's own rate; 0 when its container does not say)."""
+        return video_fps(self.path) if self.is_video else self._fps
+
+    def frames(self, stride: int = 1, max_frames: int | None = None) -> Iterator[tuple[int, Image.Image]]:
+        """``(frame index, RGB image)`` of every ``stride``-th frame, at most ``max_frames``, one at a time.
+
+        Raises:
+            VideoReadError: a video that cannot be decoded, or a frame image that cannot be read.
+        """
+        if self.is_video:
+            yield from iter_video(self.path, stride, max_frames)
+            return
+        from autoseg.utils.io import ImageReadError, load_image
+
+        files = list_frame_files(self.path)[::stride][:max_frames]
+        if not files:
+            raise VideoReadError(f"cannot read clip {self.path}: no image files in the folder")
+        for k, f in enumerate(files):
+            try:
+                yield k * stride, load_image(f)
+            except ImageReadError as e:
+                raise VideoReadError(f"cannot read clip {self.path}: {e}") from e
+
+
+def split_inputs(
+    paths: Sequence[str | os.PathLike], clips: bool = False, fps: float = 10.0
+) -> tuple[list[tuple[Path, Path]], list[ClipSource]]:
+    """Sort the command line's inputs into images and clips.
+
+    Video files (``VIDEO_EXTENSIONS``), given or found in folders, are clips named by their relative stem. With
+    ``clips``, a folder argument is a clip of its image files (named by the folder) and each sub-folder holding
+    images is a clip too (named by its path under the argument); without it, image files are images.
+
+    Returns:
+        ``(images, clips)``: ``(file, relative stem)`` pairs as :func:`autoseg.utils.io.find_images` gives them, and
+        the clip sources.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+    """
+    from autoseg.utils.io import find_images
+
+    images: list[tuple[Path, Path]] = []
+    sources: list[ClipSource] = []
+    for path in map(Path, paths):
+        found = find_images([path])
+        videos = [(f, s) for f, s in found if f.suffix.lower() in VIDEO_EXTENSIONS]
+        sources += [ClipSource(f, s, fps) for f, s in videos]
+        others = [(f, s) for f, s in found if f.suffix.lower() not in VIDEO_EXTENSIONS]
+        if not (clips and path.is_dir()):
+            images += others
+            continue
+        folders = sorted({f.parent for f, _ in others})
+        for folder in folders:
+            if list_frame_files(folder):
+                name = folder.relative_to(path) if folder != path else Path(path.resolve().name)
+                sources.append(ClipSource(folder, name, fps))
+    return images, sources
