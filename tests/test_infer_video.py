@@ -130,6 +130,9 @@ def test_a_killed_clip_resumes_with_the_same_outputs(clips, tmp_path, tiny_blip_
     first, again = label_maps(whole / "clip_000000", range(FRAMES)), label_maps(resumed / "clip_000000", range(FRAMES))
     assert all(np.array_equal(x, y) for x, y in zip(first, again, strict=True))
     assert len(list(iter_video(resumed / "clip_000000_overlay.mp4"))) == FRAMES
+    record = (resumed / "clip_000000.json").stat().st_mtime_ns
+    assert run(video, resumed, tiny_blip_dir, tiny_clipseg_dir, "--skip-existing") == 0  # a finished clip is kept
+    assert (resumed / "clip_000000.json").stat().st_mtime_ns == record
 
 
 def test_a_broken_video_is_reported_and_the_others_are_segmented(

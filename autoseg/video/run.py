@@ -83,12 +83,13 @@ def segment_clip(
     """Segment one clip into ``out_dir`` (module docstring).
 
     Returns:
-        a status entry: ``{"input", "output", "status": "ok" | "skipped" | "error", "frames", "reason"?}``.
+        a status entry as for images: ``{"input", "output", "status": "ok" | "error", "frames" | "skipped" |
+        "reason"}``.
     """
     outputs = ClipOutputs(out_dir, source.name)
     entry: dict[str, Any] = {"input": str(source.path), "output": str(source.name), "status": "ok"}
     if skip_existing and outputs.done():
-        return {**entry, "status": "skipped"}
+        return {**entry, "skipped": True}
     settings = {
         "stride": options.stride,
         "max_frames": options.max_frames,
@@ -158,6 +159,7 @@ def segment_clips(
     entries = []
     for source in sources:
         entry = segment_clip(pipeline, source, out_dir, options, skip_existing)
-        log.info("clip %s: %s%s", source.name, entry["status"], f" ({entry['reason']})" if "reason" in entry else "")
+        note = f" ({entry['reason']})" if "reason" in entry else " (kept)" if entry.get("skipped") else ""
+        log.info("clip %s: %s%s", source.name, entry["status"], note)
         entries.append(entry)
     return entries
