@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from autoseg.models.blip import BlipCaptioner, CaptionConfig
 from autoseg.models.segmenters import Segmenter
 from autoseg.outputs import Prediction
 from autoseg.utils.images import ImageInput, as_images
+from autoseg.video.smoothing import segment_frames
 from autoseg.vocab.bboost import BBoost, BBoostConfig, resize_labels
 from autoseg.vocab.nouns import NounExtractor
 
@@ -166,6 +167,24 @@ class AutoSegPipeline:
         """The segmenter alone on given names (no clustering, no captions): one :class:`Prediction` per image."""
         with self.timed("segment"):
             return segment_with(self.segmenter, images, vocabularies, threshold)
+
+    def segment_frames(
+        self,
+        frames: Iterable[tuple[int, Image.Image]],
+        vocabulary: Sequence[str],
+        smoothing: float = 0.5,
+        threshold: float | None = None,
+        resets: Collection[int] = (),
+    ) -> Iterator[tuple[int, Image.Image, np.ndarray]]:
+        """The clip-level step: a clip's frames segmented with one vocabulary, the segmenter's logits averaged over
+        time (see :mod:`autoseg.video.smoothing`); streams ``(frame index, image, label map)``.
+
+        Args:
+            frames: ``(frame index, image)`` pairs in order.
+            smoothing: weight of the past in the moving average (0: every frame on its own).
+            resets: frame indices where the average starts again (scene cuts).
+        """
+        return segment_frames(self.segmenter, frames, vocabulary, smoothing, threshold, self.batch_size, resets)
 
     @property
     def takes_threshold(self) -> bool:

@@ -17,6 +17,7 @@ from autoseg.cli.common import EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, add_device
 
 def build_parser() -> argparse.ArgumentParser:
     from autoseg.data.datasets import DATASETS
+    from autoseg.data.video_datasets import VIDEO_DATASETS
     from autoseg.evaluate import MISSING_POLICIES
     from autoseg.lave import add_mapper_args
     from autoseg.metrics import ABSENT_RULES
@@ -25,7 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eval.py",
         description="Score auto-vocabulary segmentation on a benchmark with LAVE-mapped names (mIoU over the dataset).",
     )
-    p.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="benchmark (layouts: data/README.md)")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=sorted(DATASETS) + sorted(VIDEO_DATASETS),
+        help="benchmark (layouts: data/README.md); video-folder: clips, scored with mIoU and flicker",
+    )
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--split", default="val", help="dataset split (default: val)")
     p.add_argument(
@@ -66,6 +72,8 @@ def _usage_checks(args: argparse.Namespace, stack: contextlib.ExitStack):
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be a positive number of images, got {args.limit}")
+    if args.dataset == "video-folder" and args.predictions is None:
+        raise ValueError("--dataset video-folder scores saved clip predictions: give --predictions DIR")
     check_run_args(args)
     report_dir = Path(args.report).resolve().parent
     dataset = [args.root] if Path(args.root).is_dir() else []  # a missing root is reported when the data load
@@ -103,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"eval.py: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         try:
+            if args.dataset == "video-folder":
+                return _score_video(args, mapper_from_args(args))
             dataset = build_dataset(args.dataset, args.root, split=args.split, limit=args.limit)
             mapper = mapper_from_args(args)
             pred_dir = args.predictions
@@ -138,5 +148,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{report['dataset']}: mIoU {fmt(report['mIoU'])}  pixel acc {fmt(report['pixel_acc'])}  "
         f"mean acc {fmt(report['mean_acc'])}  fwIoU {fmt(report['fwIoU'])}  over {report['n_images']} images "
         f"({n_missing} without a prediction, scored as unlabelled); report: {paths['json']}"
+    )
+    return EXIT_OK
+
+
+def _score_video(args: argparse.Namespace, mapper) -> int:
+    """``--dataset video-folder --predictions DIR``: mIoU and flicker (:mod:`autoseg.evaluate_video`)."""
+    from autoseg.data.video_datasets import video_folder
+    from autoseg.evaluate import fmt
+    from autoseg.evaluate_video import evaluate_video_predictions, write_video_reports
+
+    dataset = video_folder(args.root, limit=args.limit)
+    report = evaluate_video_predictions(
+        args.predictions, dataset, mapper, args.absent_rule, args.missing, not args.no_progress, args.mapper
+    )
+    paths = write_video_reports(report, dataset, args.report)
+    print(
+        f"{report['dataset']}: mIoU {fmt(report['mIoU'])}  flicker {fmt(report['flicker'])}  over "
+        f"{report['n_clips']} clips, {report['n_frames']} frames ({len(report['missing_predictions'])} without a "
+        f"prediction, scored as unlabelled); report: {paths['json']}"
     )
     return EXIT_OK

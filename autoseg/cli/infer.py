@@ -31,6 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
     p.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument("--skip-existing", action="store_true", help="keep outputs already in DIR, process the rest")
+    v = p.add_argument_group(
+        "video (files .mp4 .webm .mov .mkv .avi are clips; outputs NAME/000000.png, NAME.json, NAME_overlay.mp4)"
+    )
+    v.add_argument("--clips", action="store_true", help="a folder of images is a clip of frames (so are sub-folders)")
+    v.add_argument("--stride", type=int, default=1, help="segment every N-th frame (default 1)")
+    v.add_argument("--max-frames", type=int, metavar="N", help="segment at most N frames per clip")
+    v.add_argument("--fps", type=float, default=10.0, help="frame rate of --clips folders (default 10)")
+    v.add_argument("--key-every", type=int, default=10, metavar="K", help="vocabulary on every K-th frame (default 10)")
+    v.add_argument(
+        "--smoothing", type=float, default=0.5, help="weight of the past in the moving average of logits (0 = off)"
+    )
     g = p.add_argument_group("export (python -m autoseg.export has every option)")
     g.add_argument("--export", choices=list(FORMATS), metavar="FORMAT", help=f"then export as {', '.join(FORMATS)}")
     g.add_argument("--export-out", type=Path, metavar="DEST", help="export folder (default: DIR_FORMAT beside DIR)")
@@ -44,6 +55,25 @@ def export_dest(args: argparse.Namespace) -> Path | None:
     return args.export_out or args.output.with_name(f"{args.output.name}_{args.export}")
 
 
+def clip_options_from_args(args: argparse.Namespace):
+    """The clip settings of the video flags (checked: ValueError names a bad one)."""
+    from autoseg.video.run import ClipOptions
+    from autoseg.video.vocabulary import VocabularyOptions
+
+    if args.devices * args.num_nodes > 1:
+        raise ValueError("videos and --clips run in one process: leave out --devices / --num-nodes")
+    if args.export is not None:
+        raise ValueError("--export works on images; clip outputs are not exported yet")
+    if args.key_every < 1 or args.fps <= 0:
+        raise ValueError(f"--key-every ({args.key_every}) and --fps ({args.fps}) must be positive")
+    return ClipOptions(
+        stride=args.stride,
+        max_frames=args.max_frames,
+        smoothing=args.smoothing,
+        vocabulary=VocabularyOptions(every=args.key_every),
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run inference; returns 0 when every input succeeded, 1 when some failed, 2 on usage/setup errors.
 
@@ -52,18 +82,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from autoseg.api import build_pipeline
     from autoseg.config import to_dict
     from autoseg.models.loading import ModelLoadError
     from autoseg.outputs import OutputWriteError, RunManifest
-    from autoseg.run import launch_rank, segment_into, unique_stems
-    from autoseg.utils.io import check_apart, find_images, prepare_output_dir
+    from autoseg.run import launch_rank, segment_files, segment_into, unique_stems
+    from autoseg.utils.io import check_apart, prepare_output_dir
+    from autoseg.utils.video import split_inputs
+    from autoseg.video.run import segment_clips
 
     with contextlib.ExitStack() as stack:
         try:
             check_run_args(args)
-            found = find_images(args.paths)
-            if not found:
+            found, clips = split_inputs(args.paths, args.clips, args.fps)
+            if not found and not clips:
                 raise ValueError(f"no files found in {' '.join(args.paths)}")
+            clip_options = clip_options_from_args(args) if clips else None
             check_apart(args.output, args.paths, "input", "output folder")
             if args.export is not None:  # refused now rather than after the run
                 check_destination(args.output, export_dest(args), force=False, inputs=args.paths)
@@ -72,9 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             rank = launch_rank(args.devices, args.num_nodes)
             run = stack.enter_context(RunManifest(out_dir, {"config": to_dict(config)}, rank=rank))
             files = [(file, stem) for (file, _), stem in zip(found, unique_stems(found), strict=True)]
-            entries = segment_into(
-                config, files, run, args.devices, args.num_nodes, args.skip_existing, args.max_pixels
-            )
+            if clips:
+                pipeline = build_pipeline(config, checked=True)
+                entries = segment_files(pipeline, files, run, args.skip_existing, args.max_pixels)
+                entries += segment_clips(pipeline, clips, out_dir, clip_options, args.skip_existing)
+            else:
+                entries = segment_into(
+                    config, files, run, args.devices, args.num_nodes, args.skip_existing, args.max_pixels
+                )
         except OutputWriteError as e:
             print(f"infer.py: error: {e.strerror}", file=sys.stderr)
             return EXIT_SOME_FAILED

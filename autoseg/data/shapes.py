@@ -25,7 +25,8 @@ Output (the generic folder format read by ``autoseg.data.datasets``)::
 is a plain noun (tagged NN/NNS by spaCy); the only other nouns used are generic ones ("picture", "image").
 Sample ``i`` of seed ``s`` uses ``numpy.random.default_rng([s, i])``, so any subset is reproducible on its own.
 
-CLI: ``python -m autoseg.data.shapes --seed S --n N --out DIR [--size PX] [--shards PATTERN_OR_DIR]``.
+CLI: ``python -m autoseg.data.shapes --seed S --n N --out DIR [--size PX] [--shards PATTERN_OR_DIR]``;
+with ``--video --frames F [--fps FPS]`` it writes N clips instead (:mod:`autoseg.data.shapes_video`).
 The scene model (classes, geometry, textures, rendering) is :mod:`autoseg.data.shapes_scene`; this module adds the
 captions, the samples and the dataset writer.
 """
@@ -340,6 +341,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", default=None, help="also write WebDataset shards: a folder or a %%06d pattern")
     p.add_argument("--maxcount", type=int, default=1000, help="samples per shard (default: 1000)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: 0 = none)")
+    p.add_argument("--video", action="store_true", help="write N clips (videos/, frames/, masks/) instead of images")
+    p.add_argument("--frames", type=int, default=30, help="frames per clip with --video (default: 30)")
+    p.add_argument("--fps", type=float, default=10.0, help="frame rate of the clips' videos (default: 10)")
     return p
 
 
@@ -353,6 +357,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ignore_ambiguous=args.ignore_ambiguous,
         textured=not args.flat,
     )
+    if args.video:
+        if args.shards is not None:
+            raise SystemExit("--shards is not supported with --video")
+        from autoseg.data.shapes_video import write_video_dataset
+
+        write_video_dataset(args.out, args.n, args.seed, args.frames, config, fps=args.fps, start=args.start)
+        return 0
     write_dataset(
         args.out,
         args.n,
