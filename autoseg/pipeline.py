@@ -28,7 +28,7 @@ from autoseg.models.blip import BlipCaptioner, CaptionConfig
 from autoseg.models.segmenters import Segmenter
 from autoseg.outputs import Prediction
 from autoseg.utils.images import ImageInput, as_images
-from autoseg.video.smoothing import segment_frames
+from autoseg.video.smoothing import DEFAULT_SMOOTHING, segment_frames
 from autoseg.vocab.bboost import BBoost, BBoostConfig, resize_labels
 from autoseg.vocab.nouns import NounExtractor
 
@@ -172,7 +172,7 @@ class AutoSegPipeline:
         self,
         frames: Iterable[tuple[int, Image.Image]],
         vocabulary: Sequence[str],
-        smoothing: float = 0.5,
+        smoothing: float = DEFAULT_SMOOTHING,
         threshold: float | None = None,
         resets: Collection[int] = (),
     ) -> Iterator[tuple[int, Image.Image, np.ndarray]]:

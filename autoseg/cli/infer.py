@@ -19,6 +19,7 @@ from autoseg.cli.common import (
     config_from_args,
 )
 from autoseg.export import FORMATS, check_destination, export_predictions
+from autoseg.video import DEFAULT_SMOOTHING
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--fps", type=float, default=10.0, help="frame rate of --clips folders (default 10)")
     v.add_argument("--key-every", type=int, default=10, metavar="K", help="vocabulary on every K-th frame (default 10)")
     v.add_argument(
-        "--smoothing", type=float, default=0.5, help="weight of the past in the moving average of logits (0 = off)"
+        "--smoothing",
+        type=float,
+        default=DEFAULT_SMOOTHING,
+        help=f"weight of the past in the moving average of logits (0 = off; default {DEFAULT_SMOOTHING})",
     )
     g = p.add_argument_group("export (python -m autoseg.export has every option)")
     g.add_argument("--export", choices=list(FORMATS), metavar="FORMAT", help=f"then export as {', '.join(FORMATS)}")

@@ -25,6 +25,7 @@ from typing import Any
 from PIL import Image
 
 from autoseg.utils.video import ClipSource, VideoReadError
+from autoseg.video import DEFAULT_SMOOTHING
 from autoseg.video.outputs import ClipOutputs, pixel_fraction
 from autoseg.video.smoothing import warmup_frames
 from autoseg.video.vocabulary import VocabularyOptions, clip_vocabulary
@@ -48,7 +49,7 @@ class ClipOptions:
 
     stride: int = 1
     max_frames: int | None = None
-    smoothing: float = 0.5
+    smoothing: float = DEFAULT_SMOOTHING
     vocabulary: VocabularyOptions = field(default_factory=VocabularyOptions)
     overlay: bool = True
     seed: int | None = None

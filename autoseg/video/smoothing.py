@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from autoseg.models.segmenters.base import PerNameSegmenter, Segmenter, labels_from_logits
+from autoseg.video import DEFAULT_SMOOTHING
 
 
 def warmup_frames(alpha: float, tolerance: float = 0.01) -> int:
@@ -68,7 +69,7 @@ def segment_frames(
     segmenter: Segmenter,
     frames: Iterable[tuple[int, Image.Image]],
     names: Sequence[str],
-    alpha: float = 0.5,
+    alpha: float = DEFAULT_SMOOTHING,
     threshold: float | None = None,
     batch_size: int = 4,
     resets: Collection[int] = (),
