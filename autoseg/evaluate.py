@@ -62,8 +62,42 @@ def read_vocabulary(pred_dir: str | Path, stem: str) -> list[str] | None:
     return read_vocabulary_record(js)
 
 
-def _percent(x: float) -> float | None:
+def percent(x: float) -> float | None:
     return None if math.isnan(x) else 100.0 * x
+
+
+def map_vocabularies(unique: list[str], mapper: NameMapper, classes: list[str], dataset: str) -> dict[str, int | None]:
+    """Each of the ``unique`` predicted names -> class index (None: no class), by the LAVE mapper.
+
+    Raises:
+        ValueError: the mapper returned no decision for some name.
+    """
+    mapping = dict(mapper.map_names(unique, classes, dataset))
+    unmapped = [w for w in unique if w not in mapping]
+    if unmapped:
+        raise ValueError(f"the {type(mapper).__name__} mapper returned no class for {unmapped[:10]}")
+    return mapping
+
+
+def score_figures(metric: DatasetIoU, classes: list[str]) -> dict[str, Any]:
+    """The report's figures of a filled metric, in percent (None for skipped classes)."""
+    result = {k: v.numpy() for k, v in metric.compute().items()}
+    return {
+        "mIoU": percent(float(result["mIoU"])),
+        "pixel_acc": percent(float(result["pixel_acc"])),
+        "mean_acc": percent(float(result["mean_acc"])),
+        "fwIoU": percent(float(result["fwIoU"])),
+        "per_class": {c: percent(float(v)) for c, v in zip(classes, result["iou"], strict=True)},
+        "per_class_acc": {c: percent(float(v)) for c, v in zip(classes, result["acc"], strict=True)},
+    }
+
+
+def mapping_figures(mapping: dict[str, int | None], unique: list[str], classes: list[str], mapper) -> dict[str, Any]:
+    """The report's name mapping: each name's class (None: none) and the mapper's records of those names."""
+    return {
+        "mapping": {w: (None if mapping[w] is None else classes[mapping[w]]) for w in unique},
+        "mapping_records": {w: _jsonable(r) for w, r in getattr(mapper, "records", {}).items() if w in mapping},
+    }
 
 
 def evaluate_predictions(
@@ -113,10 +147,7 @@ def evaluate_predictions(
         )
 
     unique = sorted({w for v in vocabularies.values() if v for w in v})
-    mapping = dict(mapper.map_names(unique, dataset.classes, dataset.name))
-    unmapped = [w for w in unique if w not in mapping]
-    if unmapped:
-        raise ValueError(f"the {type(mapper).__name__} mapper returned no class for {unmapped[:10]}")
+    mapping = map_vocabularies(unique, mapper, dataset.classes, dataset.name)
 
     metric = DatasetIoU(dataset.num_classes, dataset.ignore_index, absent_rule)
     for i, name in enumerate(tqdm(names, desc=f"scoring {dataset.name}", disable=not progress)):
@@ -133,26 +164,18 @@ def evaluate_predictions(
         ids = to_dataset_ids(label_map, vocabulary, mapping, dataset.num_classes, dataset.background_index)
         metric.update(torch.from_numpy(ids), torch.from_numpy(gt))
 
-    result = {k: v.numpy() for k, v in metric.compute().items()}
-    classes = dataset.classes
     return {
         "dataset": dataset.name,
         "root": str(dataset.root),
         "predictions": str(pred_dir),
         "mapper": mapper_name or type(mapper).__name__,
         "absent_rule": absent_rule,
-        "mIoU": _percent(float(result["mIoU"])),
-        "pixel_acc": _percent(float(result["pixel_acc"])),
-        "mean_acc": _percent(float(result["mean_acc"])),
-        "fwIoU": _percent(float(result["fwIoU"])),
-        "per_class": {c: _percent(float(v)) for c, v in zip(classes, result["iou"], strict=True)},
-        "per_class_acc": {c: _percent(float(v)) for c, v in zip(classes, result["acc"], strict=True)},
+        **score_figures(metric, dataset.classes),
         "n_images": len(names),
         "n_scored_pixels": int(metric.confmat.sum()),
         "missing_predictions": missing_names,
         "missing_policy": missing,
-        "mapping": {w: (None if mapping[w] is None else classes[mapping[w]]) for w in unique},
-        "mapping_records": {w: _jsonable(r) for w, r in getattr(mapper, "records", {}).items() if w in mapping},
+        **mapping_figures(mapping, unique, dataset.classes, mapper),
     }
 
 

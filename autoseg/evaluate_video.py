@@ -30,7 +30,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from autoseg.data.video_datasets import VideoClip, VideoDataset
-from autoseg.evaluate import MISSING_POLICIES, NameMapper, _jsonable, _percent, fmt, read_vocabulary, save_iou_chart
+from autoseg.evaluate import (
+    MISSING_POLICIES,
+    NameMapper,
+    fmt,
+    map_vocabularies,
+    mapping_figures,
+    percent,
+    read_vocabulary,
+    save_iou_chart,
+    score_figures,
+)
 from autoseg.metrics import DatasetIoU, to_dataset_ids
 from autoseg.outputs import prediction_files
 from autoseg.outputs.files import palette, read_vocabulary_record
@@ -97,10 +107,7 @@ def evaluate_video_predictions(
     if missing_frames and missing == "error":
         raise ValueError(f"{pred_dir}: {len(missing_frames)} frames have no prediction (e.g. {missing_frames[:5]})")
     unique = sorted({w for v in vocabularies.values() for voc in v.values() if voc for w in voc})
-    mapping = dict(mapper.map_names(unique, dataset.classes, dataset.name))
-    unmapped = [w for w in unique if w not in mapping]
-    if unmapped:
-        raise ValueError(f"the {type(mapper).__name__} mapper returned no class for {unmapped[:10]}")
+    mapping = map_vocabularies(unique, mapper, dataset.classes, dataset.name)
 
     metric = DatasetIoU(dataset.num_classes, dataset.ignore_index, absent_rule)
     changed_total = stable_total = 0
@@ -123,26 +130,19 @@ def evaluate_video_predictions(
         changed_total, stable_total = changed_total + changed, stable_total + stable
         per_clip[clip.name] = {
             "frames": len(clip.frames),
-            "mIoU": _percent(float(clip_metric.compute()["mIoU"])),
-            "flicker": _percent(changed / stable if stable else float("nan")),
+            "mIoU": percent(float(clip_metric.compute()["mIoU"])),
+            "flicker": percent(changed / stable if stable else float("nan")),
         }
     bar.close()
 
-    result = {k: v.numpy() for k, v in metric.compute().items()}
-    classes = dataset.classes
     return {
         "dataset": dataset.name,
         "root": str(dataset.root),
         "predictions": str(pred_dir),
         "mapper": mapper_name or type(mapper).__name__,
         "absent_rule": absent_rule,
-        "mIoU": _percent(float(result["mIoU"])),
-        "flicker": _percent(changed_total / stable_total if stable_total else float("nan")),
-        "pixel_acc": _percent(float(result["pixel_acc"])),
-        "mean_acc": _percent(float(result["mean_acc"])),
-        "fwIoU": _percent(float(result["fwIoU"])),
-        "per_class": {c: _percent(float(v)) for c, v in zip(classes, result["iou"], strict=True)},
-        "per_class_acc": {c: _percent(float(v)) for c, v in zip(classes, result["acc"], strict=True)},
+        **score_figures(metric, dataset.classes),
+        "flicker": percent(changed_total / stable_total if stable_total else float("nan")),
         "n_clips": len(dataset.clips),
         "n_frames": dataset.n_frames,
         "n_scored_pixels": int(metric.confmat.sum()),
@@ -150,8 +150,7 @@ def evaluate_video_predictions(
         "per_clip": per_clip,
         "missing_predictions": missing_frames,
         "missing_policy": missing,
-        "mapping": {w: (None if mapping[w] is None else classes[mapping[w]]) for w in unique},
-        "mapping_records": {w: _jsonable(r) for w, r in getattr(mapper, "records", {}).items() if w in mapping},
+        **mapping_figures(mapping, unique, dataset.classes, mapper),
     }
 
 
