@@ -45,7 +45,7 @@ log = logging.getLogger("autoseg.app")
 
 NAME_HEADERS = ["name", "pixel share (%)"]
 CLUSTER_HEADERS = ["cluster", "share (%)", "nouns", "captions"]
-CLIP_HEADERS = ["name", "pixel share (%)", "frames with pixels"]
+CLIP_HEADERS = ["name", "pixel share (%)", "frames"]  # frames: those in which the name labels pixels
 NO_INPUT = "Upload an image or pick a sample first."
 NO_CLIP = "Upload a short clip first."
 SESSION_SECONDS = 600
@@ -381,9 +381,15 @@ def build_page(
                             elem_id="clip-video",
                         )
                         with gr.Column(scale=2):
-                            clip_names = gr.HighlightedText(label="The clip's names", elem_id="clip-legend")
+                            clip_names = gr.HighlightedText(
+                                label="The clip's names", show_inline_category=False, elem_id="clip-legend"
+                            )
                             clip_table = gr.Dataframe(
-                                headers=CLIP_HEADERS, interactive=False, column_count=3, elem_id="clip-names"
+                                headers=CLIP_HEADERS,
+                                interactive=False,
+                                column_count=3,
+                                column_widths=["40%", "30%", "30%"],
+                                elem_id="clip-names",
                             )
                     clip_downloads = gr.File(
                         label="Downloads: overlay video (MP4), JSON (the files infer.py writes for a clip)",
