@@ -56,7 +56,7 @@ def frame_stem(clip: str, t: int) -> str:
 
 def clip_vocabularies(pred_dir: Path, clip: VideoClip) -> dict[int, list[str] | None]:
     """The vocabulary of every annotated frame of ``clip`` (None: no prediction for that frame)."""
-    record = pred_dir / f"{clip.name}.json"
+    record = prediction_files(pred_dir, clip.name)["record"]  # NAME.json (a clip named "manifest": manifest~.json)
     out: dict[int, list[str] | None] = {}
     if record.is_file():
         vocabulary = read_vocabulary_record(record)

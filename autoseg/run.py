@@ -1,17 +1,22 @@
-"""The one run loop: files in -> pipeline -> the one writer, in one process or on several devices.
+"""The one run loop: files or clips in -> pipeline -> the one writer, in one process or on several devices.
 
 ``infer.py``, ``eval.py`` (pipeline mode), the recipes and Lightning's ``predict`` go through here:
 :func:`segment_into` segments ``(file, output stem)`` pairs into a :class:`autoseg.outputs.RunManifest`'s folder,
 either here (:func:`segment_files`) or with ``devices x num_nodes`` processes (:mod:`autoseg.lit.predictor`). Every
 image's outputs are committed together by :class:`autoseg.outputs.SegmentationWriter`; a bad file is recorded and
-skipped; a killed run resumes with ``skip_existing``.
+skipped; a killed run resumes with ``skip_existing``. :func:`segment_inputs` runs images and then clips
+(:mod:`autoseg.video.run`) into one folder, every one of them listed in the same manifest.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
+from itertools import chain, count
 from pathlib import Path
 
 from tqdm import tqdm
@@ -20,21 +25,53 @@ from autoseg.config import PipelineConfig
 from autoseg.outputs import OutputWriteError, RunManifest, SegmentationWriter, plan_outputs
 from autoseg.utils.io import DEFAULT_MAX_PIXELS, ImageReadError, load_image
 
+log = logging.getLogger(__name__)
+
+
+def _free_name(stem: Path, extension: str, taken: Callable[[str], bool]) -> Path:
+    """``stem`` if it is not taken, else ``stem_EXT`` (the input's extension, when it has one), else ``stem_2``,
+    ``stem_3``, ... : the first name not taken (names compared as POSIX paths)."""
+    tries = [stem, stem.with_name(f"{stem.name}_{extension}")] if extension else [stem]
+    numbered = (stem.with_name(f"{stem.name}_{n}") for n in count(2))
+    return next(s for s in chain(tries, numbered) if not taken(s.as_posix()))
+
 
 def unique_stems(found: Sequence[tuple[Path, Path]]) -> list[Path]:
     """Relative output stems; a clash (``a.jpg`` and ``a.png``) keeps the extension in the later name."""
     used: set[str] = set()
     stems = []
     for file, stem in found:
-        s = stem
-        if str(s) in used:
-            s = stem.with_name(f"{stem.name}_{file.suffix.lstrip('.')}")
-        n = 2
-        while str(s) in used:
-            s, n = stem.with_name(f"{stem.name}_{n}"), n + 1
-        used.add(str(s))
+        s = _free_name(Path(stem), file.suffix.lstrip("."), used.__contains__)
+        used.add(s.as_posix())
         stems.append(s)
     return stems
+
+
+def unique_clip_names(image_stems: Sequence[Path], clips: Sequence[tuple[Path, Path]]) -> list[Path]:
+    """Output names for clips ``(video file or frames folder, name)`` that share no file with the images' outputs
+    (``image_stems``, already unique) or with each other.
+
+    Clip ``N`` writes ``N.json``, ``N.partial.json``, ``N_overlay.mp4`` and ``N/000000.png ...`` (see
+    :mod:`autoseg.video.outputs`); image ``S`` writes ``S.json``, ``S.png``, ``S_overlay.jpg``. So a name is taken by
+    an image of that stem (``a.png`` and ``a.mp4`` would both write ``a.json``) or of stem ``N.partial``, by an image
+    ``N/DDDDDD`` (six digits: a label map's name), and by a clip ``N``, ``N.partial`` or (for ``N = M.partial``)
+    ``M``. As for clashing images, the images keep their names and the clip keeps its extension (``a_mp4``), else a
+    number (``a_2``); names are the same on every run over the same inputs (``--skip-existing`` finds them).
+    """
+    images = {Path(s).as_posix() for s in image_stems}
+    frame_folders = {Path(s).parent.as_posix() for s in image_stems if re.fullmatch(r"\d{6}", Path(s).name)}
+    clip_names: set[str] = set()
+
+    def taken(name: str) -> bool:
+        partial = name.endswith(".partial") and name[: -len(".partial")] in clip_names
+        return partial or name in images | clip_names | frame_folders or f"{name}.partial" in images | clip_names
+
+    names = []
+    for path, name in clips:
+        chosen = _free_name(Path(name), Path(path).suffix.lstrip(".") if Path(path).is_file() else "", taken)
+        clip_names.add(chosen.as_posix())
+        names.append(chosen)
+    return names
 
 
 def segment_files(
@@ -81,6 +118,56 @@ def segment_files(
         bar.close()
     run.finish()
     return entries
+
+
+def segment_inputs(
+    pipeline,
+    files: Sequence[tuple[Path, Path]],
+    clips: Sequence,
+    run: RunManifest,
+    clip_options,
+    skip_existing: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+) -> list[dict]:
+    """Segment images (as :func:`segment_files`) and then clips into ``run.out_dir``, in this process.
+
+    Every clip is listed in the manifest from the start (``pending``, ``"kind": "clip"``) and gets its final status
+    line as soon as it is done: ``{"input", "output", "kind": "clip", "status": "ok", "frames": N, "vocabulary"}``
+    (with ``"skipped": true`` for a clip ``skip_existing`` kept), or ``"status": "error"`` with a reason. The run is
+    ``complete`` once every image and clip has a status.
+
+    Args:
+        clips: :class:`autoseg.utils.video.ClipSource` objects, named apart from the images
+            (:func:`unique_clip_names`).
+        clip_options: the clips' :class:`autoseg.video.run.ClipOptions`.
+
+    Returns:
+        the manifest entries, images first.
+    """
+    from autoseg.video.outputs import ClipOutputs
+    from autoseg.video.run import segment_clip
+
+    clip_entries = [
+        {"input": str(c.path), "output": Path(c.name).as_posix(), "kind": "clip", "status": "pending"} for c in clips
+    ]
+    run.add(clip_entries)
+    entries = segment_files(pipeline, files, run, skip_existing, max_pixels, progress)
+    for source, entry in zip(clips, clip_entries, strict=True):
+        try:
+            entry.update(segment_clip(pipeline, source, run.out_dir, clip_options, skip_existing))
+        except Exception as e:
+            entry.update(status="error", reason=f"{source.path}: {type(e).__name__}: {e}")
+            run.record(entry)
+            raise
+        if entry["status"] == "ok":
+            record = json.loads(ClipOutputs(run.out_dir, source.name).record.read_text(encoding="utf-8"))
+            entry.update(frames=len(record["frames"]), vocabulary=record["vocabulary"])
+        note = f" ({entry['reason']})" if "reason" in entry else " (kept)" if entry.get("skipped") else ""
+        log.info("clip %s: %s%s", source.name, entry["status"], note)
+        run.record(entry)
+    run.finish()
+    return entries + clip_entries
 
 
 def segment_into(

@@ -422,7 +422,7 @@ def test_upload_limit_follows_the_pixel_limit_and_sessions_release_their_memory(
     assert build_parser().parse_args([]).max_pixels == app_backend.PAGE_MAX_PIXELS
     page = build_page(backend, sample_images())
     states = [b for b in page.blocks.values() if type(b).__name__ == "State"]
-    assert len(states) == 2 and all(s.time_to_live == SESSION_SECONDS for s in states)
+    assert len(states) == 4 and all(s.time_to_live == SESSION_SECONDS for s in states)  # an image's two, a clip's two
     folder = result.files[0].parent
     assert folder.is_dir()
     [s for s in states if s.delete_callback is not None and s.delete_callback.__name__ == "release"][0].delete_callback(
@@ -442,7 +442,7 @@ def test_page_builds_with_queued_model_events(backend):
     assert {"upload", "samples", "run", "status", "segmentation", "names", "name", "remove", "clusters"} <= ids
     assert {"downloads", "new-name", "rename", "add", "resegment", "reset", "selected", "cluster-table"} <= ids
     model_events = [f for f in page.fns.values() if f.concurrency_id == "models"]
-    assert len(model_events) == 6 and all(f.concurrency_limit == 1 for f in model_events)
+    assert len(model_events) == 7 and all(f.concurrency_limit == 1 for f in model_events)  # 6 for images, 1 for clips
     assert page.analytics_enabled is False
 
 

@@ -2,8 +2,9 @@
 
 Uploads a bundled sample, runs it, checks the names, the overlay and the downloads, hovers and clicks a name, removes
 it and adds one (re-segmenting without recaptioning), uploads a non-image, and saves a screenshot (also copied to
-``$AUTOSEG_SCREENSHOT`` when set). Needs Debian's ``chromium`` and ``chromium-driver`` (browser downloads are
-impossible here); skipped only when they cannot be found.
+``$AUTOSEG_SCREENSHOT`` when set). Uploads a ShapesWorld clip, checks that the browser decodes its overlay video, and
+uploads a broken clip. Needs Debian's ``chromium`` and ``chromium-driver`` (browser downloads are impossible here);
+skipped only when they cannot be found.
 """
 
 import os
@@ -211,3 +212,57 @@ def test_page_segments_a_sample_edits_names_and_reports_bad_input(browser, serve
     css("#samples img")[0].click()  # a bundled sample, picked in the gallery
     wait_status("000000.png: 128 x 128 px")
     wait.until(lambda _: "notes.txt" not in css("#upload")[0].text, "the refused file is still in the upload box")
+
+
+def test_page_plays_a_clips_overlay_and_refuses_a_bad_clip(browser, server, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from autoseg.data.shapes_scene import ShapesConfig
+    from autoseg.data.shapes_video import write_video_dataset
+
+    frames = 6
+    clip = write_video_dataset(tmp_path / "sv", 1, 31, frames, ShapesConfig(size=64), progress=False)
+    clip = clip / "videos" / "clip_000000.mp4"
+    d = browser
+    wait = WebDriverWait(d, STEP_TIMEOUT, ignored_exceptions=(StaleElementReferenceException,))
+
+    def css(selector):
+        return d.find_elements(By.CSS_SELECTOR, selector)
+
+    def status():
+        boxes = css("#clip-status textarea")
+        return boxes[0].get_attribute("value") if boxes else ""
+
+    def wait_status(prefix, containing=""):
+        wait.until(lambda _: status().startswith(prefix) and containing in status(), f"no clip status {prefix!r}")
+        return status()
+
+    d.get(server)
+    wait.until(lambda _: css("#clip-upload input[type=file]"), "the clip upload box never appeared")
+    css("#clip-upload input[type=file]")[0].send_keys(str(clip))
+    wait_status("clip_000000.mp4: 64 x 64 px at 10 fps")
+    css("#run-clip")[0].click()
+    done = wait_status("clip_000000.mp4: ", containing=f"{frames} frames segmented")
+    names = done.split("names: ")[1].split(";")[0].split(", ")
+    # the browser decodes the overlay: metadata and a first frame (readyState >= 2), 64 px wide, 6 frames at 10 fps
+    wait.until(lambda _: css("#clip-video video"), "no overlay video shown")
+    video = css("#clip-video video")[0]
+    state = "return [arguments[0].readyState, arguments[0].videoWidth, arguments[0].duration, arguments[0].error]"
+    wait.until(lambda _: d.execute_script(state, video)[0] >= 2, "the browser never decoded the overlay video")
+    ready, width, duration, error = d.execute_script(state, video)
+    assert error is None and width == 64 and abs(duration - frames / 10) < 0.11
+    legend = css("#clip-legend")[0].text
+    assert all(n in legend for n in names)
+
+    # a file that is no video: a clear message, and the clip's results go
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"\x00" * 64)
+    css("#clip-upload button[aria-label='Clear']")[0].click()
+    wait_status("Upload a short clip first.")
+    wait.until(lambda _: css("#clip-upload input[type=file]"), "the clip upload box did not clear")
+    css("#clip-upload input[type=file]")[0].send_keys(str(bad))
+    message = wait_status("Cannot use this clip: ", containing="broken.mp4")
+    assert str(tmp_path) not in message
+    wait.until(lambda _: not css("#clip-video video"), "the earlier overlay is still shown")

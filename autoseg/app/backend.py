@@ -230,7 +230,7 @@ class DemoBackend:
         self.keep_files_s = keep_files_s
         self._cache: OrderedDict[tuple, Prediction] = OrderedDict()
         self._cache_size = cache_size
-        self._lock = threading.Lock()  # the models serve one request at a time; the cache is shared
+        self.lock = threading.Lock()  # the models serve one request at a time (clips too); the cache is shared
 
     def close(self) -> None:
         """Remove the download folders (when this backend made their root)."""
@@ -254,7 +254,7 @@ class DemoBackend:
         """Cluster, caption and segment one image (the vocabulary stage is reused from the cache when it can)."""
         config = settings.apply(self.config)
         key = (image_digest(image), settings.vocabulary_key())
-        with self._lock:
+        with self.lock:
             found = self._cache.get(key)
             if found is None:
                 t0 = time.perf_counter()
@@ -279,7 +279,7 @@ class DemoBackend:
         settings = result.settings if threshold is None else dataclasses.replace(result.settings, threshold=threshold)
         settings.apply(self.config)  # checks the threshold
         vocabulary = list(vocabulary)
-        with self._lock:
+        with self.lock:
             t0 = time.perf_counter()
             threshold = settings.threshold if self.has_threshold else None
             label_map = self.pipeline.segment([result.image], [vocabulary], threshold=threshold)[0].label_map
@@ -299,20 +299,25 @@ class DemoBackend:
         out.files = self.write_files(out)
         return out
 
-    def release(self, result: PageResult | None) -> None:
-        """Forget a finished session's result: its download folder is removed (its memory goes with the session)."""
+    def release(self, result) -> None:
+        """Forget a finished session's result (a :class:`PageResult`, a clip's upload or result of :mod:`.clips`, or
+        None): its request folder is removed (its memory goes with the session)."""
         for folder in {f.parent for f in (result.files if result is not None else [])}:
             if folder.parent == self.out_root:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def write_files(self, result: PageResult) -> list[Path]:
         """Write the label PNG, the JSON and the overlay (as ``infer.py`` does) into a new per-request folder."""
-        self._prune()
-        folder = Path(tempfile.mkdtemp(prefix="request_", dir=self.out_root))
+        folder = self.request_folder()
         stem = safe_stem(result.name)
         write_prediction(folder, stem, result.image, result.name, result.prediction)
         files = prediction_files(folder, stem)
         return [files["label_map"], files["record"], files["overlay"]]
+
+    def request_folder(self) -> Path:
+        """A new, empty per-request folder (removed by :meth:`release`, after ``keep_files_s``, or by :meth:`close`)."""
+        self._prune()
+        return Path(tempfile.mkdtemp(prefix="request_", dir=self.out_root))
 
     def _prune(self) -> None:
         cutoff = time.time() - self.keep_files_s

@@ -1,6 +1,7 @@
 """The Gradio page: input (upload or sample), settings, the segmentation with its legend and names, the vocabulary
-editor, the BBoost clusters and the downloads. Each handler returns the page's new values; a bad input or a failed
-request puts a message in the status box and leaves the rest of the page as it was."""
+editor, the BBoost clusters and the downloads; below them a short clip (upload, the overlay video, the clip's names).
+Each handler returns the page's new values; a bad input or a failed request puts a message in the status box and
+leaves the rest of the page as it was."""
 
 from __future__ import annotations
 
@@ -26,14 +27,27 @@ from autoseg.app.backend import (  # noqa: E402
     name_rows,
     present_names,
 )
-from autoseg.models.segmenters import segmenter_source
+from autoseg.app.clips import (  # noqa: E402
+    DEFAULT_CLIP_FRAMES,
+    ClipResult,
+    ClipUpload,
+    clip_legend,
+    clip_rows,
+    describe_clip,
+    keep_clip,
+    segment_upload,
+)
+from autoseg.models.segmenters import segmenter_source  # noqa: E402
 from autoseg.utils.io import ImageReadError  # noqa: E402
+from autoseg.utils.video import VIDEO_EXTENSIONS, VideoReadError  # noqa: E402
 
 log = logging.getLogger("autoseg.app")
 
 NAME_HEADERS = ["name", "pixel share (%)"]
 CLUSTER_HEADERS = ["cluster", "share (%)", "nouns", "captions"]
+CLIP_HEADERS = ["name", "pixel share (%)", "frames"]  # frames: those in which the name labels pixels
 NO_INPUT = "Upload an image or pick a sample first."
+NO_CLIP = "Upload a short clip first."
 SESSION_SECONDS = 600
 
 
@@ -44,9 +58,10 @@ class Handlers:
     status)``; ``edit`` the same and the new-name box. A value that should stay as it is is ``gr.skip()``.
     """
 
-    def __init__(self, backend: DemoBackend, samples: Sequence[Path]):
+    def __init__(self, backend: DemoBackend, samples: Sequence[Path], clip_frames: int = DEFAULT_CLIP_FRAMES):
         self.backend = backend
         self.samples = [Path(s) for s in samples]
+        self.clip_frames = clip_frames
 
     # ------------------------------------------------------------------------------------------------------ input
     def choose_upload(self, path: str | None) -> tuple:
@@ -155,6 +170,56 @@ class Handlers:
     def _failed(status: str) -> tuple:
         return (*(gr.skip(),) * 8, status)
 
+    # ------------------------------------------------------------------------------------------------------ clips
+    def choose_clip(self, path: str | None, previous: ClipUpload | None, previous_result: ClipResult | None) -> tuple:
+        """An uploaded clip: ``(chosen clip, first frame, clip status)`` and the clip results emptied (``run_clip``'s
+        outputs but the status). The clip before and its results are removed from the server, and so is the upload
+        (a copy is kept until the clip is segmented); a bad file leaves nothing chosen and says why."""
+        self.backend.release(previous)
+        self.backend.release(previous_result)
+        if not path:
+            return None, None, NO_CLIP, *CLIP_CLEARED
+        name = Path(path).name
+        try:
+            upload, first = keep_clip(self.backend, path, name)
+        except VideoReadError as e:
+            return None, None, f"Cannot use this clip: {e}", *CLIP_CLEARED
+        finally:
+            forget_upload(path)
+        w, h = upload.size
+        rate = f" at {upload.fps:.3g} fps" if upload.fps else ""
+        status = f"{name}: {w} x {h} px{rate}. Press Segment clip (its first {self.clip_frames} frames)."
+        return upload, first, status, *CLIP_CLEARED
+
+    def run_clip(self, upload: ClipUpload | None, previous: ClipResult | None, seed, k_min, k_max, n_passes, threshold):
+        """Segment the chosen clip's first frames with the page's seed and threshold. Returns ``(result, overlay
+        video, legend, names table, downloads, status)``; a failure changes only the status."""
+        if upload is None:
+            return (*(gr.skip(),) * 5, NO_CLIP)
+        try:
+            settings = Settings.parse(seed, k_min, k_max, n_passes, threshold)
+            settings.apply(self.backend.config)
+        except ValueError as e:
+            return (*(gr.skip(),) * 5, f"Check the settings: {e}")
+        try:
+            result = segment_upload(self.backend, upload, settings, self.clip_frames)
+        except VideoReadError as e:  # the clip itself is bad: what was shown of it goes
+            self.backend.release(previous)
+            return (*CLIP_CLEARED, f"Cannot segment this clip: {e}")
+        except Exception as e:  # noqa: BLE001 - one failed request must not take the page down
+            log.exception("segmentation of clip %s failed", upload.name)
+            return (*(gr.skip(),) * 5, f"Segmentation failed ({type(e).__name__}: {e}); try another clip.")
+        self.backend.release(previous)
+        legend, colour_of = clip_legend(result)
+        return (
+            result,
+            str(result.overlay),
+            gr.HighlightedText(value=legend, color_map=colour_of),
+            clip_rows(result),
+            [str(f) for f in result.files],
+            f"{describe_clip(result)}. The overlay shows every frame with the clip's legend.",
+        )
+
 
 def forget_upload(path: str) -> None:
     """Remove an uploaded file from Gradio's upload folder once it is read (never a file outside that folder)."""
@@ -168,6 +233,8 @@ def forget_upload(path: str) -> None:
 # the result outputs (result, segmentation, names, name choice, selected view, clusters, cluster table, downloads)
 # emptied when another image is chosen
 CLEARED = (None, None, [], gr.Dropdown(choices=[], value=None), None, None, [], None)
+# the clip's outputs (result, overlay video, legend, names table, downloads) emptied when another clip is chosen
+CLIP_CLEARED = (None, None, None, [], None)
 
 
 def describe_names(pred) -> str:
@@ -184,13 +251,16 @@ def describe_names(pred) -> str:
     )
 
 
-def build_page(backend: DemoBackend, samples: Sequence[Path], source: str = "") -> gr.Blocks:
+def build_page(
+    backend: DemoBackend, samples: Sequence[Path], source: str = "", clip_frames: int = DEFAULT_CLIP_FRAMES
+) -> gr.Blocks:
     """The page (not launched). Model calls are queued one at a time; light events (uploads, picks) are not.
 
     Args:
         source: how the pipeline was chosen, shown on the page (e.g. ``--preset demo``).
+        clip_frames: frames of an uploaded clip that are segmented (its first ones).
     """
-    h = Handlers(backend, samples)
+    h = Handlers(backend, samples, clip_frames)
     d = backend.defaults
     k_top = max(16, d.k_max)
     seg = backend.config.segmenter
@@ -277,6 +347,56 @@ def build_page(backend: DemoBackend, samples: Sequence[Path], source: str = "") 
                     interactive=False,
                     elem_id="downloads",
                 )
+        clip_chosen = gr.State(None, time_to_live=SESSION_SECONDS, delete_callback=backend.release)
+        clip_result = gr.State(None, time_to_live=SESSION_SECONDS, delete_callback=backend.release)
+        with gr.Accordion(f"Short clip: one vocabulary for its first {clip_frames} frames", open=True):
+            gr.Markdown(
+                f"Upload a short video ({' '.join(VIDEO_EXTENSIONS)}) and press **Segment clip**: its first "
+                f"{clip_frames} frames are segmented with one vocabulary (found on key frames), smoothed over time, "
+                "as `infer.py` does for a video. The seed and threshold settings apply; the k range and caption passes "
+                "are the pipeline's."
+            )
+            with gr.Row():
+                with gr.Column(scale=1, min_width=320):
+                    clip_upload = gr.File(
+                        label="Upload a short clip",
+                        file_types=list(VIDEO_EXTENSIONS),
+                        type="filepath",
+                        height=140,
+                        elem_id="clip-upload",
+                    )
+                    clip_preview = gr.Image(label="First frame", interactive=False, height=200, elem_id="clip-preview")
+                    run_clip = gr.Button("Segment clip", variant="primary", elem_id="run-clip")
+                with gr.Column(scale=3):
+                    clip_status = gr.Textbox(
+                        label="Clip status", value=NO_CLIP, interactive=False, lines=2, elem_id="clip-status"
+                    )
+                    with gr.Row():
+                        clip_video = gr.Video(
+                            label="Overlay: every segmented frame with the clip's legend",
+                            interactive=False,
+                            loop=True,
+                            height=400,
+                            scale=3,
+                            elem_id="clip-video",
+                        )
+                        with gr.Column(scale=2):
+                            clip_names = gr.HighlightedText(
+                                label="The clip's names", show_inline_category=False, elem_id="clip-legend"
+                            )
+                            clip_table = gr.Dataframe(
+                                headers=CLIP_HEADERS,
+                                interactive=False,
+                                column_count=3,
+                                column_widths=["40%", "30%", "30%"],
+                                elem_id="clip-names",
+                            )
+                    clip_downloads = gr.File(
+                        label="Downloads: overlay video (MP4), JSON (the files infer.py writes for a clip)",
+                        file_count="multiple",
+                        interactive=False,
+                        elem_id="clip-downloads",
+                    )
 
         outputs = [result, segmentation, names, name, selected, clusters, cluster_table, downloads, status]
         chosen_outputs = [chosen, preview, status, *outputs[:-1]]
@@ -291,6 +411,13 @@ def build_page(backend: DemoBackend, samples: Sequence[Path], source: str = "") 
         segmentation.select(h.pick, result, name)
         names.select(h.pick, result, name)
         name.change(h.select_view, [result, name], selected)
+
+        clip_outputs = [clip_result, clip_video, clip_names, clip_table, clip_downloads, clip_status]
+        clip_chosen_outputs = [clip_chosen, clip_preview, clip_status, *clip_outputs[:-1]]
+        clip_upload.upload(h.choose_clip, [clip_upload, clip_chosen, clip_result], clip_chosen_outputs)
+        clip_upload.clear(h.choose_clip, [clip_upload, clip_chosen, clip_result], clip_chosen_outputs)
+        clip_settings = [clip_chosen, clip_result, seed, k_min, k_max, n_passes, threshold]
+        run_clip.click(h.run_clip, clip_settings, clip_outputs, **model)
     return page
 
 

@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m autoseg.app",
         description="Interactive demo page: upload an image (or pick a sample), see the names AutoSeg finds, their "
-        f"masks and the clusters they came from; edit the names and re-segment. Default: --preset {DEFAULT_PRESET} "
-        "(offline demo models).",
+        "masks and the clusters they came from; edit the names and re-segment; or upload a short clip and see its "
+        f"overlay video. Default: --preset {DEFAULT_PRESET} (offline demo models).",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: the local network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="MB",
         help="largest upload in MB (default: an uncompressed 8-bit RGBA image of --max-pixels, plus 1 MB)",
+    )
+    from autoseg.app.clips import DEFAULT_CLIP_FRAMES
+
+    p.add_argument(
+        "--clip-frames",
+        type=int,
+        default=DEFAULT_CLIP_FRAMES,
+        metavar="N",
+        help=f"an uploaded clip's first N frames are segmented (default {DEFAULT_CLIP_FRAMES})",
     )
     add_pipeline_args(p)
     from autoseg.app.backend import PAGE_MAX_PIXELS
@@ -91,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--max-pixels must be a positive number of pixels, got {args.max_pixels}")
         if not 0 < args.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {args.port}")
+        if args.clip_frames < 1:
+            raise ValueError(f"--clip-frames must be a positive number of frames, got {args.clip_frames}")
         max_upload = upload_limit(args.max_pixels, args.max_upload_mb)
         config = config_from_args(args)
         samples = sample_images(args.samples)
@@ -100,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     backend = DemoBackend(pipeline, max_pixels=args.max_pixels)
-    page = build_page(backend, samples, source=describe_source(args))
+    page = build_page(backend, samples, source=describe_source(args), clip_frames=args.clip_frames)
     page.queue(max_size=MAX_QUEUE)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as Ctrl+C does (temporary files removed)
     try:

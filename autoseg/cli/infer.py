@@ -90,10 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from autoseg.config import to_dict
     from autoseg.models.loading import ModelLoadError
     from autoseg.outputs import OutputWriteError, RunManifest
-    from autoseg.run import launch_rank, segment_files, segment_into, unique_stems
+    from autoseg.run import launch_rank, segment_inputs, segment_into, unique_clip_names, unique_stems
     from autoseg.utils.io import check_apart, prepare_output_dir
     from autoseg.utils.video import split_inputs
-    from autoseg.video.run import segment_clips
 
     with contextlib.ExitStack() as stack:
         try:
@@ -110,10 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             rank = launch_rank(args.devices, args.num_nodes)
             run = stack.enter_context(RunManifest(out_dir, {"config": to_dict(config)}, rank=rank))
             files = [(file, stem) for (file, _), stem in zip(found, unique_stems(found), strict=True)]
+            names = unique_clip_names([stem for _, stem in files], [(c.path, c.name) for c in clips])
+            for clip, name in zip(clips, names, strict=True):
+                clip.name = name  # a.png and a.mp4 in one folder: the clip writes a_mp4.json
             if clips:
                 pipeline = build_pipeline(config, checked=True)
-                entries = segment_files(pipeline, files, run, args.skip_existing, args.max_pixels)
-                entries += segment_clips(pipeline, clips, out_dir, clip_options, args.skip_existing)
+                entries = segment_inputs(pipeline, files, clips, run, clip_options, args.skip_existing, args.max_pixels)
             else:
                 entries = segment_into(
                     config, files, run, args.devices, args.num_nodes, args.skip_existing, args.max_pixels

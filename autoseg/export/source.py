@@ -1,8 +1,8 @@
 """Read a prediction folder (``infer.py`` / ``eval.py`` outputs) one set at a time, reporting what cannot be read.
 
 The sets are those the run's ``manifest.jsonl`` lists as ``ok`` (inputs it lists as ``error`` are reported as skipped,
-with infer.py's reason); a folder without a manifest is scanned for ``NAME.json`` records instead. Only one set's
-label map is in memory at a time.
+with infer.py's reason, and so are clips: their outputs are not exported); a folder without a manifest is scanned for
+``NAME.json`` records instead. Only one set's label map is in memory at a time.
 """
 
 from __future__ import annotations
@@ -52,13 +52,18 @@ class PredictionSource:
             )
 
     def entries(self) -> Iterator[tuple[str, str | None]]:
-        """``(stem, error reason or None)`` per input: from the run's status lines, else the JSON records found."""
+        """``(stem, why it is skipped or None)`` per input: from the run's status lines, else the JSON records found."""
         lines = read_status_lines(self.pred_dir)
         if lines:
             for stem in sorted(lines):
                 entry = lines[stem]
-                ok = entry.get("status") == "ok"
-                yield stem, None if ok else str(entry.get("reason") or f"{entry.get('input', stem)}: not segmented")
+                if entry.get("kind") == "clip":
+                    yield stem, f"{entry.get('input', stem)}: a clip (label maps in {stem}/), not exported yet"
+                elif entry.get("status") == "ok":
+                    yield stem, None
+                else:
+                    reason = entry.get("reason") or f"{entry.get('input', stem)}: not segmented"
+                    yield stem, f"not segmented by infer.py ({reason})"
             return
         for record in sorted(self.pred_dir.rglob("*.json")):
             rel = record.relative_to(self.pred_dir).with_suffix("")
@@ -83,7 +88,7 @@ class PredictionSource:
         """Each set in turn, or a :class:`Skipped` saying why it cannot be exported."""
         for stem, error in self.entries():
             if error is not None:
-                yield Skipped(stem, f"not segmented by infer.py ({error})")
+                yield Skipped(stem, error)
                 continue
             try:
                 record = self._record(stem)

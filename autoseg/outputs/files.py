@@ -141,6 +141,19 @@ def render_overlay(image: Image.Image, label_map: np.ndarray, vocabulary: list[s
 RESERVED_STEMS = ("manifest",)
 
 
+def output_base(out_dir: str | Path, stem: str | Path, what: str = "output name") -> Path:
+    """The path the files of output ``stem`` are named after (an image's set or a clip's, see
+    :func:`prediction_files`): ``out_dir / stem``, with one more ``~`` for a reserved top-level name.
+
+    Raises:
+        ValueError: ``stem`` is absolute or leaves ``out_dir``.
+    """
+    rel = safe_relative(stem, what)
+    if len(rel.parts) == 1 and rel.name.rstrip("~").lower() in RESERVED_STEMS:
+        rel = rel.with_name(rel.name + "~")
+    return Path(out_dir) / rel
+
+
 def prediction_files(out_dir: str | Path, stem: str | Path) -> dict[str, Path]:
     """The files of one prediction set: ``label_map`` (PNG), ``overlay`` (JPEG) and ``record`` (JSON, written last).
 
@@ -149,10 +162,7 @@ def prediction_files(out_dir: str | Path, stem: str | Path) -> dict[str, Path]:
     written as ``manifest~.json`` (the run's ``manifest.json`` stays its own), ``manifest~`` as ``manifest~~.json``;
     no two stems share a file. Writers and readers both name files here.
     """
-    rel = safe_relative(stem, "output name")
-    if len(rel.parts) == 1 and rel.name.rstrip("~").lower() in RESERVED_STEMS:
-        rel = rel.with_name(rel.name + "~")
-    base = Path(out_dir) / rel
+    base = output_base(out_dir, stem)
     return {
         "label_map": base.with_name(base.name + ".png"),
         "overlay": base.with_name(base.name + "_overlay.jpg"),

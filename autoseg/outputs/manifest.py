@@ -30,7 +30,8 @@ class RunManifest:
     - ``manifest.json`` (rank 0): ``{**extra, "complete": bool, "inputs": [...]}`` written at the start of a run
       (inputs ``pending`` or already done) and again at the end, merged with earlier runs' entries for other outputs.
 
-    Use as a context manager; :meth:`start` with this run's entries, :meth:`record` per finished input, :meth:`finish`.
+    Use as a context manager; :meth:`start` with this run's entries (and :meth:`add` for more kinds of input, e.g.
+    clips beside images), :meth:`record` per finished input, :meth:`finish`.
 
     Args:
         out_dir: the output folder.
@@ -45,6 +46,7 @@ class RunManifest:
         self.extra = dict(extra or {})
         self.rank = rank
         self.entries: list[dict] = []
+        self.added: list[dict] = []  # entries of :meth:`add`, listed after :meth:`start`'s
         self.earlier: dict[str, dict] = {}
         self.recorded: dict[str, dict] = {}  # this process's status lines of this run
         self._lock = None
@@ -120,17 +122,27 @@ class RunManifest:
         done = dict(self.recorded)  # entries may have been copied on their way through a data loader
         for f in _rank_files(self.out_dir):
             done.update(_read_lines(f))
-        for entry in self.entries:
+        for entry in self.entries + self.added:
             if entry["status"] == "pending" and entry["output"] in done:
                 entry.update(done[entry["output"]])
-        self._write_manifest(complete and all(e["status"] != "pending" for e in self.entries))
+        self._write_manifest(complete and all(e["status"] != "pending" for e in self.entries + self.added))
+
+    def add(self, entries: list[dict]) -> None:
+        """Register more inputs of this run (e.g. its clips beside its images; the same dicts are updated in place).
+
+        They are listed ``pending`` in ``manifest.json`` until :meth:`record` gives their status, and the run is not
+        ``complete`` before they have one. Added before :meth:`start`, they are listed from its first manifest on;
+        after it, the manifest is rewritten at once.
+        """
+        self.added.extend(entries)
+        if self._lines is not None and self.rank == 0:
+            self._write_manifest(complete=False)
 
     def _write_manifest(self, complete: bool) -> None:
-        mine = {e["output"] for e in self.entries}
+        mine = {e["output"] for e in self.entries + self.added}
         others = [e for key, e in self.earlier.items() if key not in mine]
-        atomic_write_json(
-            self.out_dir / self.MANIFEST, {**self.extra, "complete": complete, "inputs": self.entries + others}
-        )
+        inputs = self.entries + self.added + others
+        atomic_write_json(self.out_dir / self.MANIFEST, {**self.extra, "complete": complete, "inputs": inputs})
 
 
 def read_status_lines(out_dir: str | Path) -> dict[str, dict]:

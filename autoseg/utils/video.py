@@ -83,8 +83,8 @@ def iter_video(
 
 
 class VideoWriter:
-    """Encode RGB frames to an H.264 (yuv420p) video, atomically: the file appears under ``path`` only on
-    :meth:`close` without error; an exception inside a ``with`` block leaves no file.
+    """Encode RGB frames to an H.264 (yuv420p, "faststart") MP4 video, which browsers play, atomically: the file
+    appears under ``path`` only on :meth:`close` without error; an exception inside a ``with`` block leaves no file.
 
     Frames are padded to even width and height (yuv420p needs them); all frames must have the first one's size.
     """
@@ -109,7 +109,8 @@ class VideoWriter:
         if h % 2 or w % 2:
             rgb = np.pad(rgb, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
         if self._container is None:
-            self._container = av.open(str(self._tmp), mode="w", format="mp4")
+            # faststart: the index (moov) goes before the frames, so a browser plays the file while it downloads
+            self._container = av.open(str(self._tmp), mode="w", format="mp4", options={"movflags": "faststart"})
             self._stream = self._container.add_stream("libx264", rate=self.fps)
             self._stream.width, self._stream.height = rgb.shape[1], rgb.shape[0]
             self._stream.pix_fmt = "yuv420p"

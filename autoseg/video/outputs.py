@@ -6,6 +6,9 @@
 - ``NAME_overlay.mp4``: the frames with label colours, one video frame per segmented frame;
 - ``NAME.json``: written last (the clip counts as done once it exists): ``vocabulary``, ``fps``, ``frames`` (the
   segmented frame indices), ``pixel_fraction`` (per frame, each name's share), key frames and settings.
+
+A top-level clip named like the run's bookkeeping (``manifest``) gets one more ``~``, as an image does
+(:func:`autoseg.outputs.files.output_base`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from autoseg.outputs.files import UNLABELLED, palette, render_overlay
-from autoseg.utils.io import atomic_write_json, remove_stale_temporaries, safe_relative, save_image_atomic
+from autoseg.outputs.files import UNLABELLED, output_base, palette, render_overlay
+from autoseg.utils.io import atomic_write_json, remove_stale_temporaries, save_image_atomic
 from autoseg.utils.video import VideoWriter
 
 
@@ -62,8 +65,7 @@ class ClipOutputs:
     """The files of clip ``name`` under ``out_dir`` (module docstring)."""
 
     def __init__(self, out_dir: str | Path, name: str | Path) -> None:
-        rel = safe_relative(name, "clip name")
-        self.base = Path(out_dir) / rel
+        self.base = output_base(out_dir, name, "clip name")  # a clip named "manifest" keeps the run's manifest.json
         self.folder = self.base
         self.record = self.base.with_name(self.base.name + ".json")
         self.partial = self.base.with_name(self.base.name + ".partial.json")
