@@ -28,7 +28,8 @@ from autoseg.models.blip import BlipCaptioner, CaptionConfig
 from autoseg.models.segmenters import Segmenter
 from autoseg.outputs import Prediction
 from autoseg.utils.images import ImageInput, as_images
-from autoseg.video.smoothing import DEFAULT_SMOOTHING, segment_frames
+from autoseg.video import DEFAULT_MOTION, DEFAULT_SMOOTHING
+from autoseg.video.smoothing import segment_frames
 from autoseg.vocab.bboost import BBoost, BBoostConfig, resize_labels
 from autoseg.vocab.nouns import NounExtractor
 
@@ -175,6 +176,7 @@ class AutoSegPipeline:
         smoothing: float = DEFAULT_SMOOTHING,
         threshold: float | None = None,
         resets: Collection[int] = (),
+        motion: float = DEFAULT_MOTION,
     ) -> Iterator[tuple[int, Image.Image, np.ndarray]]:
         """The clip-level step: a clip's frames segmented with one vocabulary, the segmenter's logits averaged over
         time (see :mod:`autoseg.video.smoothing`); streams ``(frame index, image, label map)``.
@@ -183,8 +185,11 @@ class AutoSegPipeline:
             frames: ``(frame index, image)`` pairs in order.
             smoothing: weight of the past in the moving average (0: every frame on its own).
             resets: frame indices where the average starts again (scene cuts).
+            motion: colour change (0-255) above which a pixel is not averaged (inf: every pixel is).
         """
-        return segment_frames(self.segmenter, frames, vocabulary, smoothing, threshold, self.batch_size, resets)
+        return segment_frames(
+            self.segmenter, frames, vocabulary, smoothing, threshold, self.batch_size, resets, motion
+        )
 
     @property
     def takes_threshold(self) -> bool:

@@ -6,7 +6,10 @@
 Writes ``--clips`` ShapesWorld video clips (``python -m autoseg.data.shapes --video``), then segments their PNG frames
 (the same pixels for every flow) three ways with ``infer.py``:
 
-- **clip**: ``--clips`` (one vocabulary per clip from key frames, logits smoothed over time, default settings);
+- **clip**: ``--clips`` (one vocabulary per clip from key frames, logits of still pixels averaged over time, default
+  settings);
+- **clip, every pixel averaged (0.7)**: the plain moving average the first clip flow used (``--smoothing 0.7
+  --motion-threshold inf``);
 - **clip, no smoothing**: the same with ``--smoothing 0`` (what the clip vocabulary alone gives);
 - **per frame**: the frames folder as separate images (a vocabulary per frame: what AutoSeg did before);
 - **clip, smoothing A**: for each ``--smoothing A`` given, the clip flow with that weight (for choosing the default on
@@ -41,7 +44,12 @@ from autoseg.cli.infer import main as infer_main  # noqa: E402
 from autoseg.data.shapes_scene import ShapesConfig  # noqa: E402
 from autoseg.data.shapes_video import write_video_dataset  # noqa: E402
 
-FLOWS = {"clip": ["--clips"], "clip, no smoothing": ["--clips", "--smoothing", "0"], "per frame": []}
+FLOWS = {
+    "clip": ["--clips"],
+    "clip, every pixel averaged (0.7)": ["--clips", "--smoothing", "0.7", "--motion-threshold", "inf"],
+    "clip, no smoothing": ["--clips", "--smoothing", "0"],
+    "per frame": [],
+}
 
 
 def independent_figures(ds: Path, pred: Path) -> tuple[float, float]:

@@ -91,6 +91,22 @@ def test_without_smoothing_every_frame_is_the_image_path_with_the_clip_vocabular
     assert np.array_equal(smoothed[0], expected[0])  # the average starts at the first frame
 
 
+def test_still_pixels_are_averaged_and_moving_ones_follow_the_frame():
+    average = LogitAverage(0.5, motion=25.0)
+    still = torch.zeros(3, 4, 4)
+    moved = still.clone()
+    moved[:, :, 2:] = 200.0  # the right half of the frame changes colour
+    a, b = torch.full((1, 4, 4), 4.0), torch.zeros(1, 4, 4)
+    assert torch.equal(average(a, still), a)
+    out = average(b, moved)
+    assert torch.equal(out[0, :, :2], torch.full((4, 2), 2.0))  # still: 0.5 * 4 + 0.5 * 0
+    assert torch.equal(out[0, :, 2:], torch.zeros(4, 2))  # moved: the new frame's logits alone
+    again = average(a, moved)  # nothing moved since: every pixel averaged
+    assert torch.equal(again[0, :, :2], torch.full((4, 2), 3.0)) and torch.equal(again[0, :, 2:], torch.full((4, 2), 2.0))
+    with pytest.raises(ValueError, match="motion"):
+        LogitAverage(0.5, motion=0.0)
+
+
 def test_logit_average_and_merge_rule_by_hand():
     average = LogitAverage(0.5)
     a, b = torch.full((1, 2, 2), 4.0), torch.full((1, 2, 2), 0.0)

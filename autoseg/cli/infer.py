@@ -19,7 +19,7 @@ from autoseg.cli.common import (
     config_from_args,
 )
 from autoseg.export import FORMATS, check_destination, export_predictions
-from autoseg.video import DEFAULT_SMOOTHING
+from autoseg.video import DEFAULT_MOTION, DEFAULT_SMOOTHING
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_SMOOTHING,
         help=f"weight of the past in the moving average of logits (0 = off; default {DEFAULT_SMOOTHING})",
+    )
+    v.add_argument(
+        "--motion-threshold",
+        type=float,
+        default=DEFAULT_MOTION,
+        metavar="T",
+        help="a pixel whose colour changed by more than T (0-255) since the previous frame is not averaged "
+        f"(inf: every pixel is; default {DEFAULT_MOTION:g})",
     )
     g = p.add_argument_group("export (python -m autoseg.export has every option)")
     g.add_argument("--export", choices=list(FORMATS), metavar="FORMAT", help=f"then export as {', '.join(FORMATS)}")
@@ -74,6 +82,7 @@ def clip_options_from_args(args: argparse.Namespace):
         stride=args.stride,
         max_frames=args.max_frames,
         smoothing=args.smoothing,
+        motion=args.motion_threshold,
         vocabulary=VocabularyOptions(every=args.key_every),
     )
 

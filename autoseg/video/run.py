@@ -25,7 +25,7 @@ from typing import Any
 from PIL import Image
 
 from autoseg.utils.video import ClipSource, VideoReadError
-from autoseg.video import DEFAULT_SMOOTHING
+from autoseg.video import DEFAULT_MOTION, DEFAULT_SMOOTHING
 from autoseg.video.outputs import ClipOutputs, pixel_fraction
 from autoseg.video.smoothing import warmup_frames
 from autoseg.video.vocabulary import VocabularyOptions, clip_vocabulary
@@ -41,6 +41,7 @@ class ClipOptions:
         stride: segment every ``stride``-th frame.
         max_frames: segment at most this many frames (None: all).
         smoothing: weight of the past in the moving average of the logits (0: none).
+        motion: colour change (0-255) above which a pixel is not averaged (inf: every pixel is).
         vocabulary: how the clip's names are found on key frames.
         overlay: write ``NAME_overlay.mp4``.
         seed: the vocabulary stage's seed (None: the pipeline's).
@@ -50,6 +51,7 @@ class ClipOptions:
     stride: int = 1
     max_frames: int | None = None
     smoothing: float = DEFAULT_SMOOTHING
+    motion: float = DEFAULT_MOTION
     vocabulary: VocabularyOptions = field(default_factory=VocabularyOptions)
     overlay: bool = True
     seed: int | None = None
@@ -60,6 +62,8 @@ class ClipOptions:
             raise ValueError(f"--stride ({self.stride}) and --max-frames ({self.max_frames}) must be positive")
         if not 0 <= self.smoothing < 1:
             raise ValueError(f"--smoothing must be in [0, 1), got {self.smoothing}")
+        if not self.motion > 0:
+            raise ValueError(f"--motion-threshold must be positive (inf: none), got {self.motion}")
 
 
 def _resumed(
@@ -95,6 +99,7 @@ def segment_clip(
         "stride": options.stride,
         "max_frames": options.max_frames,
         "smoothing": options.smoothing,
+        "motion": options.motion,
         "seed": options.seed,
         "threshold": options.threshold,
         "vocabulary": asdict(options.vocabulary),
@@ -119,7 +124,12 @@ def segment_clip(
             source.frames(options.stride, options.max_frames), outputs, warmup_frames(options.smoothing), seen
         )
         for index, _, label_map in pipeline.segment_frames(
-            frames, names, smoothing=options.smoothing, threshold=options.threshold, resets=state["scene_cuts"]
+            frames,
+            names,
+            smoothing=options.smoothing,
+            threshold=options.threshold,
+            resets=state["scene_cuts"],
+            motion=options.motion,
         ):
             if not outputs.label_map_path(index).is_file():
                 outputs.write_frame(index, label_map, len(names))
