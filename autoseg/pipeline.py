@@ -187,9 +187,7 @@ class AutoSegPipeline:
             resets: frame indices where the average starts again (scene cuts).
             motion: colour change (0-255) above which a pixel is not averaged (inf: every pixel is).
         """
-        return segment_frames(
-            self.segmenter, frames, vocabulary, smoothing, threshold, self.batch_size, resets, motion
-        )
+        return segment_frames(self.segmenter, frames, vocabulary, smoothing, threshold, self.batch_size, resets, motion)
 
     @property
     def takes_threshold(self) -> bool:

@@ -102,7 +102,9 @@ def test_still_pixels_are_averaged_and_moving_ones_follow_the_frame():
     assert torch.equal(out[0, :, :2], torch.full((4, 2), 2.0))  # still: 0.5 * 4 + 0.5 * 0
     assert torch.equal(out[0, :, 2:], torch.zeros(4, 2))  # moved: the new frame's logits alone
     again = average(a, moved)  # nothing moved since: every pixel averaged
-    assert torch.equal(again[0, :, :2], torch.full((4, 2), 3.0)) and torch.equal(again[0, :, 2:], torch.full((4, 2), 2.0))
+    assert torch.equal(again[0, :, :2], torch.full((4, 2), 3.0)) and torch.equal(
+        again[0, :, 2:], torch.full((4, 2), 2.0)
+    )
     with pytest.raises(ValueError, match="motion"):
         LogitAverage(0.5, motion=0.0)
 
