@@ -281,13 +281,14 @@ def load_video_model(
     ``facebook/sam3``).
 
     Args:
-        detector: the image segmenter's ``Sam3Model`` loaded from the same source: it replaces the video model's
-            copy (one detector in memory), and the tracker follows its device and dtype.
+        detector: the image segmenter's model loaded from the same source: a ``Sam3Model`` replaces the video
+            model's copy (one detector in memory); the video model follows its device and dtype.
     """
     model = load_pretrained(source, "SAM 3 video model", Sam3VideoModel.from_pretrained, flag)
     processor = load_pretrained(source, "SAM 3 video processor", Sam3VideoProcessor.from_pretrained, flag)
-    if isinstance(detector, Sam3Model):
-        model.detector_model = detector
+    if detector is not None:
+        if isinstance(detector, Sam3Model):
+            model.detector_model = detector
         param = next(detector.parameters())
         model.to(device=param.device, dtype=param.dtype)
     return model.eval(), processor
