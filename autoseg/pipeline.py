@@ -189,6 +189,26 @@ class AutoSegPipeline:
         """
         return segment_frames(self.segmenter, frames, vocabulary, smoothing, threshold, self.batch_size, resets, motion)
 
+    def clip_tracker(self, chunk: int = 16):
+        """SAM 3's video model for clips (a :class:`autoseg.models.segmenters.sam3_video.Sam3ClipTracker`) when the
+        segmenter is SAM 3 and its source holds the video model (``model_type: sam3_video``, as ``facebook/sam3``);
+        None otherwise (clips are then segmented frame by frame). Loaded here, once per run: it shares this
+        pipeline's SAM 3 detector, so only the tracker's weights are added.
+
+        Args:
+            chunk: frames preprocessed and tracked together.
+        """
+        if self.config is None or self.config.segmenter.name != "sam3":
+            return None
+        from autoseg.models.segmenters import segmenter_source
+        from autoseg.models.segmenters.sam3_video import Sam3ClipTracker, holds_video_model, load_video_model
+
+        source = segmenter_source(self.config.segmenter)
+        if not holds_video_model(source):
+            return None
+        model, processor = load_video_model(source, detector=getattr(self.segmenter, "model", None))
+        return Sam3ClipTracker(model, processor, chunk)
+
     @property
     def takes_threshold(self) -> bool:
         """Whether the segmenter's mode has an unlabelled threshold (the ``threshold`` argument)."""

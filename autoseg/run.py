@@ -146,16 +146,17 @@ def segment_inputs(
         the manifest entries, images first.
     """
     from autoseg.video.outputs import ClipOutputs
-    from autoseg.video.run import segment_clip
+    from autoseg.video.run import clip_tracker, segment_clip
 
     clip_entries = [
         {"input": str(c.path), "output": Path(c.name).as_posix(), "kind": "clip", "status": "pending"} for c in clips
     ]
     run.add(clip_entries)
     entries = segment_files(pipeline, files, run, skip_existing, max_pixels, progress)
+    tracker = clip_tracker(pipeline, clip_options, list(clips))
     for source, entry in zip(clips, clip_entries, strict=True):
         try:
-            entry.update(segment_clip(pipeline, source, run.out_dir, clip_options, skip_existing))
+            entry.update(segment_clip(pipeline, source, run.out_dir, clip_options, skip_existing, tracker))
         except Exception as e:
             entry.update(status="error", reason=f"{source.path}: {type(e).__name__}: {e}")
             run.record(entry)

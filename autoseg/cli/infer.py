@@ -54,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="a pixel whose colour changed by more than T (0-255) since the previous frame is not averaged "
         f"(inf: every pixel is; default {DEFAULT_MOTION:g})",
     )
+    v.add_argument(
+        "--chunk",
+        type=int,
+        default=16,
+        metavar="N",
+        help="SAM 3 video model: frames tracked per chunk (memory stays flat; a killed clip restarts at its chunk)",
+    )
+    v.add_argument(
+        "--no-track",
+        action="store_true",
+        help="SAM 3: segment clips frame by frame (smoothed) even when the source holds the video model",
+    )
     g = p.add_argument_group("export (python -m autoseg.export has every option)")
     g.add_argument("--export", choices=list(FORMATS), metavar="FORMAT", help=f"then export as {', '.join(FORMATS)}")
     g.add_argument("--export-out", type=Path, metavar="DEST", help="export folder (default: DIR_FORMAT beside DIR)")
@@ -84,6 +96,8 @@ def clip_options_from_args(args: argparse.Namespace):
         smoothing=args.smoothing,
         motion=args.motion_threshold,
         vocabulary=VocabularyOptions(every=args.key_every),
+        track=not args.no_track,
+        chunk=args.chunk,
     )
 
 

@@ -36,6 +36,9 @@ from transformers import (
     Sam3LiteTextModel,
     Sam3Model,
     Sam3Processor,
+    Sam3VideoConfig,
+    Sam3VideoModel,
+    Sam3VideoProcessor,
     SamConfig,
     SamImageProcessor,
     SamModel,
@@ -282,6 +285,80 @@ def make_sam3(
         size={"height": image_size, "width": image_size}, mask_size={"height": mask, "width": mask}
     )
     return model.eval(), Sam3Processor(image_processor=image_processor, tokenizer=tok)
+
+
+def make_sam3_video(
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    intermediate_size: int = 37,
+    patch_size: int = 8,
+    image_size: int = 64,
+    num_queries: int = 4,
+    max_objects: int = 4,
+    hotstart_delay: int = 2,
+    memory: int = 4,
+    words: Sequence[str] = (),
+) -> tuple[Sam3VideoModel, Sam3VideoProcessor]:
+    """A randomly initialised SAM 3 video model (detector + tracker, as ``facebook/sam3`` holds) and its processor.
+
+    The detector is :func:`make_sam3`'s; the tracker (SAM 2 style memory) has the detector's FPN width. Its memory
+    width is 64 (transformers fixes it) and must be below ``hidden_size``. Random detections score near 0.5, so the
+    detection thresholds are 0 and at most ``max_objects`` are tracked; ``hotstart_delay`` is short for short clips;
+    the tracker's object-score head is biased to "present" so that tracked objects keep masks; it reads the last
+    ``memory`` frames (memories and object pointers; 7 and 16 in SAM 3).
+    """
+    from transformers.models.sam2_video.video_processing_sam2_video import Sam2VideoVideoProcessor
+
+    detector, processor = make_sam3(
+        hidden_size,
+        num_layers,
+        num_heads,
+        intermediate_size,
+        patch_size,
+        image_size,
+        num_queries=num_queries,
+        words=words,
+    )
+    grid = image_size // patch_size
+    width = dict(hidden_size=hidden_size)
+    tracker = dict(
+        vision_config=detector.config.vision_config.to_dict(),
+        prompt_encoder_config=dict(image_size=image_size, patch_size=patch_size, mask_input_channels=4, **width),
+        mask_decoder_config=dict(
+            mlp_dim=intermediate_size, num_attention_heads=num_heads, iou_head_hidden_dim=32, **width
+        ),
+        image_size=image_size,
+        memory_attention_hidden_size=hidden_size,
+        memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=intermediate_size,
+        memory_attention_rope_feat_sizes=[grid, grid],
+        memory_encoder_hidden_size=hidden_size,
+        mask_downsampler_embed_dim=hidden_size,
+        memory_fuser_embed_dim=hidden_size,
+        memory_fuser_intermediate_dim=intermediate_size,
+        memory_fuser_num_layers=1,
+        num_maskmem=memory,
+        max_object_pointers_in_encoder=memory,
+    )
+    config = Sam3VideoConfig(
+        detector_config=detector.config.to_dict(),
+        tracker_config=tracker,
+        low_res_mask_size=4 * grid,
+        score_threshold_detection=0.0,
+        new_det_thresh=0.0,
+        max_num_objects=max_objects,
+        hotstart_delay=hotstart_delay,
+        hotstart_unmatch_thresh=hotstart_delay,
+        hotstart_dup_thresh=hotstart_delay,
+    )
+    model = Sam3VideoModel(config).eval()
+    model.detector_model.load_state_dict(detector.state_dict())
+    # a random tracker calls every object absent (no mask after its first frame); say present, so tracks go on
+    nn.init.constant_(model.tracker_model.mask_decoder.pred_obj_score_head.proj_out.bias, 5.0)
+    images = processor.image_processor
+    videos = Sam2VideoVideoProcessor(size=images.size, image_mean=images.image_mean, image_std=images.image_std)
+    return model, Sam3VideoProcessor(processor.image_processor, videos, processor.tokenizer)
 
 
 def make_grounding_dino(

@@ -2,10 +2,12 @@
 
 - ``NAME/000000.png ...``: a label map per segmented frame (frame index, 6 digits; 0 = unlabelled, ``i`` = the
   ``i``-th name of the clip's vocabulary), each written atomically as soon as the frame is segmented;
-- ``NAME.partial.json``: the clip's vocabulary while it is being segmented (a resumed run reads it back);
+- ``NAME.partial.json``: the clip's vocabulary while it is being segmented (a resumed run reads it back; with SAM 3's
+  video model also the tracks of the chunks written so far);
 - ``NAME_overlay.mp4``: the frames with label colours, one video frame per segmented frame;
 - ``NAME.json``: written last (the clip counts as done once it exists): ``vocabulary``, ``fps``, ``frames`` (the
-  segmented frame indices), ``pixel_fraction`` (per frame, each name's share), key frames and settings.
+  segmented frame indices), ``pixel_fraction`` (per frame, each name's share), key frames and settings; with SAM 3's
+  video model also ``tracks`` (per track id: name, first and last frame, frames shown, best score).
 
 A top-level clip named like the run's bookkeeping (``manifest``) gets one more ``~``, as an image does
 (:func:`autoseg.outputs.files.output_base`).
@@ -96,6 +98,10 @@ class ClipOutputs:
         if self.folder.is_dir():
             for old in self.folder.glob("[0-9][0-9][0-9][0-9][0-9][0-9].png"):
                 old.unlink()
+        atomic_write_json(self.partial, state)
+
+    def save_partial(self, state: dict[str, Any]) -> None:
+        """Update the partial state (e.g. the tracks of the chunks written so far) without touching label maps."""
         atomic_write_json(self.partial, state)
 
     def write_frame(self, index: int, label_map: np.ndarray, n_names: int) -> None:

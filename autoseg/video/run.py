@@ -11,6 +11,12 @@ Resuming (``skip_existing``): a clip whose ``NAME.json`` exists is skipped; a ki
 missing frame. The moving average restarts there, warmed up on the ``warmup_frames(alpha)`` frames before it (their
 label maps are not rewritten), so a resumed clip continues with an average that differs from an uninterrupted run's
 by less than 1 % of a frame's weight.
+
+SAM 3 with its video model (a ``segmenter.source`` of ``model_type: sam3_video``, as ``facebook/sam3``; see
+:meth:`autoseg.pipeline.AutoSegPipeline.clip_tracker`): the second pass tracks the clip's names instead
+(:mod:`autoseg.video.tracking`: objects keep ids, tracks go into ``NAME.json``); the moving average does not apply
+(``smoothing`` is recorded as null) and a killed clip restarts tracking at its first unfinished chunk. ``track=False``
+segments such clips frame by frame as any other backend.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ from typing import Any
 
 from PIL import Image
 
+from autoseg.models.segmenters.sam3_video import DEFAULT_CHUNK, Sam3ClipTracker
 from autoseg.utils.video import ClipSource, VideoReadError
 from autoseg.video import DEFAULT_MOTION, DEFAULT_SMOOTHING
 from autoseg.video.outputs import ClipOutputs, pixel_fraction
 from autoseg.video.smoothing import warmup_frames
+from autoseg.video.tracking import track_clip
 from autoseg.video.vocabulary import VocabularyOptions, clip_vocabulary
 
 log = logging.getLogger(__name__)
@@ -46,6 +54,8 @@ class ClipOptions:
         overlay: write ``NAME_overlay.mp4``.
         seed: the vocabulary stage's seed (None: the pipeline's).
         threshold: the segmenter's unlabelled threshold (None: its own).
+        track: use SAM 3's video model when the pipeline has one (False: frame by frame, smoothed).
+        chunk: SAM 3 video: frames preprocessed and tracked per chunk (memory per chunk; resume granularity).
     """
 
     stride: int = 1
@@ -56,10 +66,14 @@ class ClipOptions:
     overlay: bool = True
     seed: int | None = None
     threshold: float | None = None
+    track: bool = True
+    chunk: int = DEFAULT_CHUNK
 
     def __post_init__(self) -> None:
         if self.stride < 1 or (self.max_frames is not None and self.max_frames < 1):
             raise ValueError(f"--stride ({self.stride}) and --max-frames ({self.max_frames}) must be positive")
+        if self.chunk < 1:
+            raise ValueError(f"--chunk must be at least 1, got {self.chunk}")
         if not 0 <= self.smoothing < 1:
             raise ValueError(f"--smoothing must be in [0, 1), got {self.smoothing}")
         if not self.motion > 0:
@@ -83,9 +97,17 @@ def _resumed(
 
 
 def segment_clip(
-    pipeline, source: ClipSource, out_dir: str | Path, options: ClipOptions, skip_existing: bool = False
+    pipeline,
+    source: ClipSource,
+    out_dir: str | Path,
+    options: ClipOptions,
+    skip_existing: bool = False,
+    tracker: Sam3ClipTracker | None = None,
 ) -> dict[str, Any]:
     """Segment one clip into ``out_dir`` (module docstring).
+
+    Args:
+        tracker: SAM 3's video model (:meth:`autoseg.pipeline.AutoSegPipeline.clip_tracker`); None: frame by frame.
 
     Returns:
         a status entry as for images: ``{"input", "output", "status": "ok" | "error", "frames" | "skipped" |
@@ -98,12 +120,14 @@ def segment_clip(
     settings = {
         "stride": options.stride,
         "max_frames": options.max_frames,
-        "smoothing": options.smoothing,
-        "motion": options.motion,
+        "smoothing": None if tracker is not None else options.smoothing,
+        "motion": None if tracker is not None else options.motion,
         "seed": options.seed,
         "threshold": options.threshold,
         "vocabulary": asdict(options.vocabulary),
     }
+    if tracker is not None:
+        settings["tracker"] = {"model": "sam3_video", "chunk": tracker.chunk}
     try:
         state = outputs.read_partial() if skip_existing else None
         if state is None or state.get("settings") != settings:
@@ -120,19 +144,23 @@ def segment_clip(
             outputs.start(state)  # a new vocabulary: older label maps of this clip are removed
         names = state["vocabulary"]
         seen: list[int] = []
-        frames = _resumed(
-            source.frames(options.stride, options.max_frames), outputs, warmup_frames(options.smoothing), seen
-        )
-        for index, _, label_map in pipeline.segment_frames(
-            frames,
-            names,
-            smoothing=options.smoothing,
-            threshold=options.threshold,
-            resets=state["scene_cuts"],
-            motion=options.motion,
-        ):
-            if not outputs.label_map_path(index).is_file():
-                outputs.write_frame(index, label_map, len(names))
+        tracks = None
+        if tracker is not None:
+            tracks = track_clip(tracker, source.frames(options.stride, options.max_frames), outputs, state, seen)
+        else:
+            frames = _resumed(
+                source.frames(options.stride, options.max_frames), outputs, warmup_frames(options.smoothing), seen
+            )
+            for index, _, label_map in pipeline.segment_frames(
+                frames,
+                names,
+                smoothing=options.smoothing,
+                threshold=options.threshold,
+                resets=state["scene_cuts"],
+                motion=options.motion,
+            ):
+                if not outputs.label_map_path(index).is_file():
+                    outputs.write_frame(index, label_map, len(names))
         fps = (source.fps or 10.0) / options.stride
         fractions = {}
         for index in seen:
@@ -159,18 +187,16 @@ def segment_clip(
             "overlay": outputs.overlay.name if options.overlay else None,
         },
     }
+    if tracks is not None:
+        record["tracks"] = tracks
     outputs.finish(record)
     return {**entry, "frames": len(seen)}
 
 
-def segment_clips(
-    pipeline, sources: list[ClipSource], out_dir: str | Path, options: ClipOptions, skip_existing: bool = False
-) -> list[dict[str, Any]]:
-    """Segment every clip in turn; a clip that cannot be decoded is reported (``status: error``) and skipped."""
-    entries = []
-    for source in sources:
-        entry = segment_clip(pipeline, source, out_dir, options, skip_existing)
-        note = f" ({entry['reason']})" if "reason" in entry else " (kept)" if entry.get("skipped") else ""
-        log.info("clip %s: %s%s", source.name, entry["status"], note)
-        entries.append(entry)
-    return entries
+def clip_tracker(pipeline, options: ClipOptions, sources: list) -> Sam3ClipTracker | None:
+    """SAM 3's video tracker for these clips when the pipeline's source holds the video model and
+    ``options.track`` (None: clips are segmented frame by frame)."""
+    tracker = pipeline.clip_tracker(options.chunk) if options.track and sources else None
+    if tracker is not None:
+        log.info("clips: SAM 3 video model, tracked in chunks of %d frames (--smoothing does not apply)", options.chunk)
+    return tracker
