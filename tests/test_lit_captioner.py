@@ -325,3 +325,19 @@ def test_gpu_config_parses(capsys):
     assert done.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "class_path: autoseg.lit.CaptionerModule" in printed and "freeze_vision: true" in printed
+
+
+def test_pad_rows_equals_pad_sequence_forward_and_backward():
+    from autoseg.lit.captioner import pad_rows
+
+    torch.manual_seed(0)
+    rows = [torch.randn(n, 5, requires_grad=True) for n in (3, 7, 1, 7)]
+    padded, mask = pad_rows(rows)
+    reference = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    assert torch.equal(padded, reference) and padded.shape == (4, 7, 5)
+    assert mask.tolist() == [[t < n for t in range(7)] for n in (3, 7, 1, 7)]
+    weights = torch.randn(4, 7, 5)
+    ours = torch.autograd.grad((padded * weights).sum(), rows)
+    theirs = torch.autograd.grad((reference * weights).sum(), rows)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+    assert torch.equal(ours[1], weights[1]) and torch.equal(ours[2], weights[2, :1])  # each row's own weights

@@ -246,7 +246,9 @@ class SeededItems(Dataset):
             return self.base[key]
         index, item_seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed)
+            # the CPU generator only (what the transforms draw from): torch.manual_seed would also queue a seed for
+            # every lazily initialised accelerator, capturing a stack trace each time (a third of the loading time)
+            torch.default_generator.manual_seed(item_seed)
             return self.base[index]
 
 

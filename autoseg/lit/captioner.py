@@ -305,15 +305,13 @@ class CaptionerModule(AutoSegModule):
     def lm_loss(self, states: list[torch.Tensor], captions: list[str]) -> torch.Tensor:
         """Teacher-forced caption loss (mean over caption tokens) of sets of encoder states (``L_r x D`` each)."""
         input_ids, attention_mask, labels = self.text_targets(captions)
-        lengths = torch.tensor([s.shape[0] for s in states], device=self.device)
-        padded = nn.utils.rnn.pad_sequence(states, batch_first=True)  # R x L x D
-        encoder_mask = (torch.arange(padded.shape[1], device=self.device)[None] < lengths[:, None]).long()
+        padded, encoder_mask = pad_rows(states)  # R x L x D, R x L
         decoder = self.blip.model.text_decoder
         hidden = decoder.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,
             encoder_hidden_states=padded,
-            encoder_attention_mask=encoder_mask,
+            encoder_attention_mask=encoder_mask.long(),
             is_decoder=True,
             use_cache=False,
         ).last_hidden_state  # R x T x H
@@ -465,3 +463,18 @@ class CaptionerModule(AutoSegModule):
             "caption_scale": hp.caption_scale,
         }
         return self.export_pretrained("blip", out, "blip", state_dict, info)
+
+
+def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L_r x D`` tensors padded with zeros into ``R x L x D`` (L the longest), and the ``R x L`` mask of real rows.
+
+    One gather from the concatenated rows (index ``n`` is an appended zero row): its backward is one scatter, where
+    ``pad_sequence``'s backward copies the whole ``R x L x D`` gradient once per row (most of a training step of the
+    region captioner).
+    """
+    lengths = torch.tensor([r.shape[0] for r in rows], device=rows[0].device)
+    flat = torch.cat([*rows, rows[0].new_zeros(1, rows[0].shape[1])])
+    mask = torch.arange(int(lengths.max()), device=flat.device)[None] < lengths[:, None]
+    index = torch.full(mask.shape, flat.shape[0] - 1, dtype=torch.long, device=flat.device)
+    index[mask] = torch.arange(flat.shape[0] - 1, device=flat.device)
+    return flat[index], mask
