@@ -326,3 +326,11 @@ def test_sam3_evaluation_feeds_the_pixels_inference_gives_the_original_images(tm
         expected = seg.preprocess(originals)  # inference: SAM 3's processor on the original PIL images
     assert expected.shape == (2, 3, 64, 64) and len(fed) == 1
     torch.testing.assert_close(fed[0], expected, rtol=0, atol=1e-5)
+
+
+def test_pair_chunk_option_sets_the_training_chunk_and_is_checked():
+    module = SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, pair_chunk=40)
+    assert module.segmenter.pair_chunk == 40
+    assert SegmenterModule(segmenter="scratch:tiny", classes=CLASSES).segmenter.pair_chunk == 8  # the segmenter's own
+    with pytest.raises(ValueError, match="pair_chunk"):
+        SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, pair_chunk=0)

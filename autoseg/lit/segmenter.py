@@ -58,6 +58,9 @@ class SegmenterModule(AutoSegModule):
         decoder_loss_weight: weight of the decoder loss; 0 trains only the vision tower through the patch loss (a
             cheap first stage for from-scratch models: the per-class decoder dominates the cost of a step).
         scratch: for ``scratch:NAME`` sources, ``make_clipseg`` / ``make_sam3`` size overrides (``hidden_size``...).
+        pair_chunk: (image, class) pairs decoded per call while training (None: the segmenter's own). A chunk that
+            holds every pair of a batch (batch size x classes) runs without activation checkpointing: faster (1.5x a
+            step of the ShapesWorld recipe's small CLIPSeg on CPU), at the memory of all pairs' activations.
         num_overlays: validation images logged to TensorBoard (image | ground truth | prediction).
         optimizer: timm optimizer name (``create_optimizer_v2``).
         lr: peak learning rate.
@@ -83,6 +86,7 @@ class SegmenterModule(AutoSegModule):
         patch_loss_weight: float = 0.0,
         decoder_loss_weight: float = 1.0,
         scratch: dict[str, Any] | None = None,
+        pair_chunk: int | None = None,
         num_overlays: int = 4,
         optimizer: str = "adamw",
         lr: float = 1e-4,
@@ -112,6 +116,10 @@ class SegmenterModule(AutoSegModule):
         self.segmenter: PerNameSegmenter = build_segmenter(
             config, words=classes, scratch=scratch, flag="--model.init_args.segmenter"
         )
+        if pair_chunk is not None:
+            if pair_chunk < 1:
+                raise ValueError(f"pair_chunk must be at least 1, got {pair_chunk}")
+            self.segmenter.pair_chunk = pair_chunk
         if patch_loss_weight > 0 and not hasattr(self.segmenter, "vision_states"):
             raise ValueError(f"patch_loss_weight needs the CLIPSeg vision tower; backend {backend!r} has no patch head")
         self.segmenter.model.requires_grad_(False)
