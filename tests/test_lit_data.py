@@ -105,6 +105,29 @@ def test_folder_datamodule_batches_and_links(tmp_path):
     assert val[0]["image"].shape == (2, 3, 32, 32) and val[0]["mask"].dtype == torch.int64
 
 
+def test_cached_training_items_equal_the_read_ones_and_outlive_the_files(tmp_path):
+    import shutil
+
+    root = write_folder(tmp_path / "ds")
+
+    def batches(cache):
+        dm = SegmentationDataModule(
+            train=DataSource("folder", str(root)), image_size=32, batch_size=2, num_workers=0, cache_decoded=cache
+        )
+        dm.setup("fit")
+        return dm, [b for _ in range(2) for b in dm.train_dataloader()]  # two epochs
+
+    _, read = batches(False)
+    dm, cached = batches(True)
+    assert len(read) == len(cached) == 4
+    for a, b in zip(read, cached, strict=True):
+        assert a["name"] == b["name"] and torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+        assert b["mask"].dtype == torch.int64
+    shutil.rmtree(root / "images")  # every item was read once: the cache serves them
+    again = list(dm.train_dataloader())
+    assert len(again) == 2 and again[0]["image"].shape == (2, 3, 32, 32)
+
+
 def test_datamodule_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="data source 'voc' unknown; choose a dataset reader"):
         DataSource("voc", "x")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
@@ -166,6 +167,31 @@ class _FolderCaptions(Dataset):
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e}); expected the captions dict of data/README.md") from e
         return {**item, CAPTIONS: captions}
+
+
+class _Decoded(Dataset):
+    """Items of a map-style dataset decoded once and then served from memory (``cache_decoded``): the image as
+    decoded, the mask in the smallest integer type that holds it (returned as int64, as read)."""
+
+    def __init__(self, base: Any):
+        self.base = base
+        self.items: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items.get(index)
+        if item is None:
+            item = dict(self.base[index])
+            mask = item.get("mask")
+            if isinstance(mask, np.ndarray) and mask.size and mask.min() >= 0:
+                item["mask"] = mask.astype(np.min_scalar_type(int(mask.max())))
+            self.items[index] = item
+        out = dict(item)
+        if isinstance(out.get("mask"), np.ndarray):
+            out["mask"] = out["mask"].astype(np.int64)
+        return out
 
 
 class _KeepCaptions:
@@ -320,6 +346,9 @@ class SegmentationDataModule(L.LightningDataModule):
             reading fails once more than this fraction of the samples read were bad (checked after
             ``autoseg.data.shards.MIN_SAMPLES`` samples; 0: the first bad sample is fatal). Each DataLoader worker
             and each DDP rank counts its own share (see :class:`autoseg.data.shards.SkipBadSamples`).
+        cache_decoded: keep the training split's decoded images and masks in memory after their first read
+            (map-style sources; each DataLoader worker keeps its own copy): for small datasets read for many epochs,
+            e.g. ShapesWorld's 4,000 images of 128 px (about 330 MB), where decoding is a third of a step on CPU.
 
     The training order and augmentations of map-style sources (readers, folders, ShapesWorld) depend only on the run
     seed, the epoch and the item (:class:`EpochSampler`, :class:`SeededItems`), and the training loader resumes
@@ -344,6 +373,7 @@ class SegmentationDataModule(L.LightningDataModule):
         shuffle_buffer: int = 256,
         seed: int = 0,
         max_bad_fraction: float = 0.01,
+        cache_decoded: bool = False,
     ):
         super().__init__()
         if not 0.0 <= max_bad_fraction <= 1.0:
@@ -440,6 +470,8 @@ class SegmentationDataModule(L.LightningDataModule):
         reader = self._reader(src)
         if src.dataset == "folder" and (Path(reader.root) / "captions").is_dir():
             reader = _FolderCaptions(reader)
+        if train and self.hparams.cache_decoded:
+            reader = _Decoded(reader)
         return _Mapped(reader, transform)
 
     def setup(self, stage: str | None = None) -> None:
