@@ -255,6 +255,10 @@ def test_page_plays_a_clips_overlay_and_refuses_a_bad_clip(browser, server, tmp_
     assert error is None and width == 64 and abs(duration - frames / 10) < 0.11
     legend = css("#clip-legend")[0].text
     assert all(n in legend for n in names)
+    if os.environ.get("AUTOSEG_SCREENSHOT"):  # the clip section, beside the image page's screenshot
+        d.set_window_size(1400, 2600)
+        shot = os.environ["AUTOSEG_SCREENSHOT"]
+        d.save_screenshot(os.path.splitext(shot)[0] + "_clip.png")
 
     # a file that is no video: a clear message, and the clip's results go
     bad = tmp_path / "broken.mp4"

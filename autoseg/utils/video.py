@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -238,3 +238,15 @@ def split_inputs(
                 name = folder.relative_to(path) if folder != path else Path(path.resolve().name)
                 sources.append(ClipSource(folder, name, fps))
     return images, sources
+
+
+def frame_chunks(frames: Iterable[tuple[int, Image.Image]], size: int) -> Iterator[list[tuple[int, Image.Image]]]:
+    """``(frame index, image)`` pairs in lists of ``size`` (the last may be shorter), streamed."""
+    chunk: list[tuple[int, Image.Image]] = []
+    for item in frames:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

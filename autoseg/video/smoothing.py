@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from autoseg.models.segmenters.base import PerNameSegmenter, Segmenter, labels_from_logits
+from autoseg.utils.video import frame_chunks
 from autoseg.video import DEFAULT_MOTION, DEFAULT_SMOOTHING
 
 
@@ -89,17 +90,6 @@ def frame_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float()
 
 
-def _batches(frames: Iterable[tuple[int, Image.Image]], size: int) -> Iterator[list[tuple[int, Image.Image]]]:
-    batch: list[tuple[int, Image.Image]] = []
-    for item in frames:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 @torch.inference_mode()
 def segment_frames(
     segmenter: Segmenter,
@@ -129,7 +119,7 @@ def segment_frames(
     average = LogitAverage(alpha, motion)
     smooth = isinstance(segmenter, PerNameSegmenter) and len(names) > 0
     threshold = getattr(segmenter, "threshold", 0.0) if threshold is None else threshold
-    for batch in _batches(frames, batch_size):
+    for batch in frame_chunks(frames, batch_size):
         images = [im for _, im in batch]
         if not smooth:
             maps = segmenter.segment(images, [list(names)] * len(images), threshold=threshold)

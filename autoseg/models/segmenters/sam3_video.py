@@ -36,6 +36,7 @@ from transformers import AutoConfig, Sam3Model, Sam3VideoModel, Sam3VideoProcess
 from transformers.models.sam3_video.modeling_sam3_video import Sam3VideoInferenceSession
 
 from autoseg.models.loading import is_scratch, load_pretrained
+from autoseg.utils.video import frame_chunks
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +205,7 @@ class Sam3ClipTracker:
         delay = self.model.hotstart_delay
         held: list[tuple[TrackedFrame, object]] = []
         step = 0
-        for chunk in _chunks(frames, self.chunk):
+        for chunk in frame_chunks(frames, self.chunk):
             pixels = self.preprocess([im for _, im in chunk])
             for (index, image), frame_pixels in zip(chunk, pixels, strict=True):
                 if not names:
@@ -252,17 +253,6 @@ def paint_objects(result: dict, prompt_of: dict[int, int]) -> tuple[np.ndarray, 
         label_map[masks[k]] = name
         objects[ids[k]] = (name, scores[k])
     return label_map, objects
-
-
-def _chunks(frames: Iterable[tuple[int, Image.Image]], size: int) -> Iterator[list[tuple[int, Image.Image]]]:
-    chunk: list[tuple[int, Image.Image]] = []
-    for item in frames:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def holds_video_model(source: str, flag: str = "--segmenter") -> bool:
