@@ -38,10 +38,11 @@ def test_patch_labels_hand_example():
     assert patch_labels(torch.tensor([[[1, 255]]]), (1, 1), 255, max_ignore=0.5).tolist() == [[1]]
 
 
-@pytest.mark.parametrize("ignore", [255, 65535])
-def test_patch_labels_match_a_naive_loop(ignore):
+@pytest.mark.parametrize(("ignore", "top"), [(255, 300), (65535, 300), (255, 6), (-100, 6), (255, 70000)])
+def test_patch_labels_match_a_naive_loop(ignore, top):
+    # few classes (ties in most patches), a negative ignore index, and ids past the directly counted range
     rng = np.random.default_rng(0)
-    mask = rng.integers(0, 300, (3, 12, 16))
+    mask = rng.integers(0, top, (3, 12, 16))
     mask[rng.random(mask.shape) < 0.3] = ignore
     mask[:, :4, :4] = 5  # some clean patches
     got = patch_labels(torch.as_tensor(mask), (3, 4), ignore, max_ignore=0.4).numpy()
