@@ -89,11 +89,14 @@ def test_prompt_tokens_are_masked_out_of_the_labels():
         assert attention[row].tolist() == [1] * n + [0] * (ids.shape[1] - n)
 
 
-def test_lm_loss_is_the_mean_next_token_loss_of_the_caption_tokens_only():
+@pytest.mark.parametrize("lengths", [(5, 3), (2, 300, 3, 290, 4, 310, 1)])
+def test_lm_loss_is_the_mean_next_token_loss_of_the_caption_tokens_only(lengths):
+    # the second case splits into several decoder passes of similar lengths (length_groups)
     torch.manual_seed(0)
     m = module().eval()
-    states = [torch.randn(5, 32), torch.randn(3, 32)]
-    captions = ["a red star", "sky"]
+    states = [torch.randn(n, 32) for n in lengths]
+    captions = ["a red star", "sky", "two big squares", "a cross", "grass", "the blue circle near a star", "wall"]
+    captions = captions[: len(states)]
     loss = m.lm_loss(states, captions)
     tok = m.blip.processor.tokenizer
     prompt = ["[DEC]", "a", "picture", "of"]
@@ -328,7 +331,7 @@ def test_gpu_config_parses(capsys):
 
 
 def test_pad_rows_equals_pad_sequence_forward_and_backward():
-    from autoseg.lit.captioner import pad_rows
+    from autoseg.lit.batching import pad_rows
 
     torch.manual_seed(0)
     rows = [torch.randn(n, 5, requires_grad=True) for n in (3, 7, 1, 7)]
@@ -341,3 +344,44 @@ def test_pad_rows_equals_pad_sequence_forward_and_backward():
     theirs = torch.autograd.grad((reference * weights).sum(), rows)
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
     assert torch.equal(ours[1], weights[1]) and torch.equal(ours[2], weights[2, :1])  # each row's own weights
+
+
+def test_grouped_decoder_passes_give_the_one_pass_gradients(monkeypatch):
+    import autoseg.lit.captioner as captioner
+
+    torch.manual_seed(0)
+    m = module()
+    states = [torch.randn(n, 32, requires_grad=True) for n in (2, 300, 3, 290, 4, 310, 1)]
+    captions = ["a red star", "sky", "two big squares", "a cross", "grass", "the blue circle near a star", "wall"]
+    assert len(captioner.length_groups([s.shape[0] for s in states])) > 1
+    grads = []
+    for one_pass in (False, True):
+        if one_pass:
+            monkeypatch.setattr(captioner, "length_groups", lambda lengths: [list(range(len(lengths)))])
+        loss = m.lm_loss(states, captions)
+        grads.append([loss, *torch.autograd.grad(loss, [*states, *m.blip.model.text_decoder.parameters()])])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_groups_is_the_cheapest_split_of_the_sorted_lengths(seed):
+    import itertools
+
+    from autoseg.lit.batching import length_groups
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 150, rng.integers(1, 9)).tolist()
+    groups = length_groups(lengths, max_groups=3, pass_cost=40)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+
+    def cost(parts):
+        return sum(len(p) * max(lengths[i] for i in p) for p in parts) + 40 * (len(parts) - 1)
+
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    best = min(
+        cost([order[a:b] for a, b in itertools.pairwise((0, *cuts, len(order)))])
+        for k in range(3)
+        for cuts in itertools.combinations(range(1, len(order)), k)
+    )
+    assert cost(groups) == best
