@@ -44,6 +44,32 @@ def test_training_augmentation_moves_image_and_mask_together(seed):
     assert out["orig_size"].tolist() == [90, 120]
 
 
+@pytest.mark.parametrize(("train", "size", "scale"), [(True, 48, (0.2, 1.0)), (True, 64, (0.8, 1.0)), (False, 30, None)])
+def test_outputs_equal_torchvisions_v2_pipeline(train, size, scale):
+    """The same draws and outputs as v2.Compose on tv_tensors (what the transform ran before, and the reference)."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    ops = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()] if train else []
+    reference = v2.Compose(
+        [*(ops or [v2.Resize((size, size), antialias=True)]), v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)]
+    )
+    ours = SegmentationTransform(size, train=train, **({"scale": scale} if train else {}))
+    for seed in range(12):
+        item = coded_item(seed=seed)
+        sample = {
+            "image": tv_tensors.Image(v2.functional.pil_to_tensor(item["image"])),
+            "mask": tv_tensors.Mask(torch.as_tensor(item["mask"], dtype=torch.int64)),
+        }
+        torch.manual_seed(seed)
+        expected = reference(sample)
+        torch.manual_seed(seed)
+        out = ours(item)
+        assert torch.equal(out["image"], expected["image"].as_subclass(torch.Tensor)), seed
+        assert torch.equal(out["mask"], expected["mask"].as_subclass(torch.Tensor)), seed
+        assert torch.rand(1).item() == (torch.manual_seed(seed), reference(sample), torch.rand(1).item())[2]
+
+
 def test_flip_only_changes_both_identically():
     torch.manual_seed(0)
     item = coded_item()

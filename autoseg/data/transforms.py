@@ -1,7 +1,7 @@
-"""Joint image + mask augmentations for training (torchvision.transforms.v2 with ``tv_tensors.Mask``).
+"""Joint image + mask augmentations for training (torchvision.transforms.v2's crop, flip and resize).
 
 Images and masks move together through every geometric transform; masks are always resampled with nearest
-neighbour (torchvision does this for ``tv_tensors.Mask``), so no new class ids appear. Outputs are square, so items
+neighbour (as torchvision does for ``tv_tensors.Mask``), so no new class ids appear. Outputs are square, so items
 batch with the default collate. Normalisation (each model's own mean/std) is left to the LightningModule, which
 takes it from its model's image processor.
 """
@@ -15,8 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import default_collate
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms.v2 import functional as TF
+
+NEAREST = InterpolationMode.NEAREST
 
 
 class SegmentationTransform:
@@ -49,21 +51,15 @@ class SegmentationTransform:
             raise ValueError(f"image size must be positive, got {size}")
         self.size = size
         self.train = train
-        ops: list[Any] = []
-        if train:
-            ops.append(v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True))
-            if hflip:
-                ops.append(v2.RandomHorizontalFlip())
-        else:
-            ops.append(v2.Resize((size, size), antialias=True))
-        ops.append(v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True))
-        self.transform = v2.Compose(ops)
+        self.hflip = hflip
+        self.crop = v2.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         image = item["image"]
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image in item['image'], got {type(image).__name__}")
-        sample: dict[str, Any] = {"image": tv_tensors.Image(v2.functional.pil_to_tensor(image.convert("RGB")))}
+        pixels = TF.pil_to_tensor(image.convert("RGB"))
+        mask = None
         if item.get("mask") is not None:
             mask = torch.as_tensor(np.asarray(item["mask"]), dtype=torch.int64)
             if tuple(mask.shape) != (image.height, image.width):
@@ -71,15 +67,26 @@ class SegmentationTransform:
                     f"{item.get('path', item.get('name', '?'))}: mask {tuple(mask.shape)} and image "
                     f"{(image.height, image.width)} (H, W) differ in size"
                 )
-            sample["mask"] = tv_tensors.Mask(mask)
-        out = self.transform(sample)
+        # torchvision's functional ops on plain tensors, drawing what v2.Compose([RandomResizedCrop,
+        # RandomHorizontalFlip]) draws (same outputs): the Compose's tv_tensors and pytree handling cost 40% of
+        # an item, which the recipe's small CPU training steps wait for
+        side = [self.size, self.size]
+        if self.train:
+            box = self.crop.make_params([pixels])
+            pixels = TF.resized_crop(pixels, **box, size=side, antialias=True)
+            mask = None if mask is None else TF.resized_crop(mask[None], **box, size=side, interpolation=NEAREST)[0]
+            if self.hflip and torch.rand(1) < 0.5:
+                pixels, mask = pixels.flip(-1), None if mask is None else mask.flip(-1)
+        else:
+            pixels = TF.resize(pixels, side, antialias=True)
+            mask = None if mask is None else TF.resize(mask[None], side, interpolation=NEAREST)[0]
         result = {
-            "image": out["image"].as_subclass(torch.Tensor),
+            "image": TF.to_dtype(pixels, torch.float32, scale=True),
             "name": str(item.get("name", "")),
             "path": str(item.get("path", "")),
         }
-        if "mask" in out:
-            result["mask"] = out["mask"].as_subclass(torch.Tensor)
+        if mask is not None:
+            result["mask"] = mask
         result["orig_size"] = torch.tensor([image.height, image.width])
         return result
 
