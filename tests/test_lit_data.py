@@ -44,7 +44,9 @@ def test_training_augmentation_moves_image_and_mask_together(seed):
     assert out["orig_size"].tolist() == [90, 120]
 
 
-@pytest.mark.parametrize(("train", "size", "scale"), [(True, 48, (0.2, 1.0)), (True, 64, (0.8, 1.0)), (False, 30, None)])
+@pytest.mark.parametrize(
+    ("train", "size", "scale"), [(True, 48, (0.2, 1.0)), (True, 64, (0.8, 1.0)), (False, 30, None)]
+)
 def test_outputs_equal_torchvisions_v2_pipeline(train, size, scale):
     """The same draws and outputs as v2.Compose on tv_tensors (what the transform ran before, and the reference)."""
     from torchvision import tv_tensors
@@ -52,7 +54,10 @@ def test_outputs_equal_torchvisions_v2_pipeline(train, size, scale):
 
     ops = [v2.RandomResizedCrop(size, scale=scale, antialias=True), v2.RandomHorizontalFlip()] if train else []
     reference = v2.Compose(
-        [*(ops or [v2.Resize((size, size), antialias=True)]), v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)]
+        [
+            *(ops or [v2.Resize((size, size), antialias=True)]),
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+        ]
     )
     ours = SegmentationTransform(size, train=train, **({"scale": scale} if train else {}))
     for seed in range(12):

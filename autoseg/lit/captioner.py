@@ -306,8 +306,9 @@ class CaptionerModule(AutoSegModule):
     def lm_loss(self, states: list[torch.Tensor], captions: list[str]) -> torch.Tensor:
         """Teacher-forced caption loss (mean over caption tokens) of sets of encoder states (``L_r x D`` each).
 
-        Sets of similar length share a decoder pass (:func:`length_groups`): padding every set to the longest made
-        the cross-attention three times larger than the states. Same loss as one padded pass.
+        Sets of similar length share a decoder pass (:func:`length_groups`), its captions padded to its longest:
+        padding every set to the longest made the cross-attention three times larger than the states. Same loss as
+        one padded pass.
         """
         input_ids, attention_mask, labels = self.text_targets(captions)
         targets = labels[:, 1:]  # the next token of each position
@@ -317,9 +318,10 @@ class CaptionerModule(AutoSegModule):
         for rows in length_groups([s.shape[0] for s in states]):
             padded, encoder_mask = pad_rows([states[r] for r in rows])  # R x L x D, R x L
             index = torch.as_tensor(rows, device=input_ids.device)
+            width = int(attention_mask[index].sum(1).max())  # the group's longest caption: padding on the right
             hidden = decoder.bert(
-                input_ids=input_ids[index],
-                attention_mask=attention_mask[index],
+                input_ids=input_ids[index, :width],
+                attention_mask=attention_mask[index, :width],
                 encoder_hidden_states=padded,
                 encoder_attention_mask=encoder_mask.long(),
                 is_decoder=True,
@@ -327,10 +329,13 @@ class CaptionerModule(AutoSegModule):
             ).last_hidden_state  # R x T x H
             # the LM head (vocabulary-sized output) only where a caption token is predicted: the prompt and padding
             # positions would cost most of the step for nothing (decoder.forward computes logits everywhere)
-            keep = scored[index]
+            keep = scored[index, : width - 1]
             logits = decoder.cls(hidden[:, :-1][keep])  # M x V
             total = total + F.cross_entropy(
-                logits.float(), targets[index][keep], label_smoothing=self.hparams.label_smoothing, reduction="sum"
+                logits.float(),
+                targets[index, : width - 1][keep],
+                label_smoothing=self.hparams.label_smoothing,
+                reduction="sum",
             )
         return total / scored.sum()
 
@@ -475,4 +480,3 @@ class CaptionerModule(AutoSegModule):
             "caption_scale": hp.caption_scale,
         }
         return self.export_pretrained("blip", out, "blip", state_dict, info)
-
