@@ -20,3 +20,26 @@ def test_recipe_smoke_run_writes_every_stage(tmp_path):
     assert 0 <= ev["mIoU"] <= 100 and set(ev["cluster_mIoU"]) == {"128", "192"}
     assert all(set(c) == {"enhanced", "identity"} for c in ev["cluster_mIoU"].values())
     assert (out / "eval" / "report.json").is_file()
+
+
+def test_a_stage_that_starts_after_a_lane_ends_gets_its_cores(tmp_path):
+    import threading
+
+    from autoseg.recipes.common import StageLog, run_lanes
+
+    other_lane_done = threading.Event()
+    threads = {}
+
+    def run(stage, n):
+        threads[stage] = n
+        if stage == "b1":
+            other_lane_done.set()
+        if stage == "a1":
+            assert other_lane_done.wait(10)
+
+    failures = run_lanes([["a1", "a2"], ["b1"]], run, StageLog(tmp_path / "recipe.json"), jobs=2, cpus=4)
+    # a1 and b1 share the cores; a2 starts after lane b has ended: all four
+    assert failures == [] and threads == {"a1": 2, "b1": 2, "a2": 4}
+    threads.clear()
+    run_lanes([["a1", "a2"], ["b1"]], lambda s, n: threads.__setitem__(s, n), StageLog(tmp_path / "r2.json"), 1, 4)
+    assert threads == {"a1": 4, "a2": 4, "b1": 4}  # one lane at a time: every core

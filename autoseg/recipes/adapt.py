@@ -47,7 +47,6 @@ from autoseg.recipes.common import (
     REPO,
     StageLog,
     copy_models,
-    cores,
     dump_pipeline,
     eval_pipeline,
     export_dir,
@@ -359,12 +358,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.timed("vocabulary", vocabulary)
         finish("vocabulary")
     has_enhancer = (out / "configs" / "enhancer.yaml").is_file()
-    threads = max(1, cores() // min(args.jobs, len(LANES)))
-
     lanes = [[s for s in lane if s not in done and (s != "enhancer" or has_enhancer)] for lane in LANES]
     in_process = args.jobs == 1 or sum(1 for lane in lanes if lane) < 2  # lanes side by side: a process each
 
-    def train(stage: str) -> None:
+    def train(stage: str, threads: int) -> None:
         run_stage(out, stage, args.resume, threads, in_process)
         finish(stage)
 

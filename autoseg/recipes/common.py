@@ -145,17 +145,29 @@ class StageLog:
 
 
 def run_lanes(
-    lanes: Sequence[Sequence[str]], run: Callable[[str], object], log: StageLog, jobs: int
+    lanes: Sequence[Sequence[str]], run: Callable[[str, int], object], log: StageLog, jobs: int, cpus: int | None = None
 ) -> list[BaseException]:
-    """Run each lane's stages in order (``run(stage)``, timed into ``log``), up to ``jobs`` lanes at once.
+    """Run each lane's stages in order (``run(stage, threads)``, timed into ``log``), up to ``jobs`` lanes at once.
+
+    A stage gets its share of the cores when it starts: ``cpus // min(jobs, lanes not finished)`` threads (at least
+    1), so the stages left after a lane ends use the cores it frees.
 
     Returns:
         the exceptions of failed lanes (a lane stops at its first failure; the others go on).
     """
+    cpus = cpus or cores()
+    unfinished = [sum(1 for stages in lanes if stages)]
+    lock = threading.Lock()
 
     def lane(stages: Sequence[str]) -> None:
-        for stage in stages:
-            log.timed(stage, lambda s=stage: run(s))
+        try:
+            for stage in stages:
+                with lock:
+                    threads = max(1, cpus // max(1, min(jobs, unfinished[0])))
+                log.timed(stage, lambda s=stage, t=threads: run(s, t))
+        finally:
+            with lock:
+                unfinished[0] -= 1
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(lane, stages) for stages in lanes if stages]
