@@ -334,3 +334,44 @@ def test_pair_chunk_option_sets_the_training_chunk_and_is_checked():
     assert SegmenterModule(segmenter="scratch:tiny", classes=CLASSES).segmenter.pair_chunk == 8  # the segmenter's own
     with pytest.raises(ValueError, match="pair_chunk"):
         SegmenterModule(segmenter="scratch:tiny", classes=CLASSES, pair_chunk=0)
+
+
+def test_train_names_decodes_present_and_hardest_absent_classes_with_the_loss_of_those_names(batch):
+    """Each image's own classes plus the absent classes its patch head scores highest; the loss equals a
+    cross-entropy over just those names computed from the all-pairs logits, and gradients reach the decoder."""
+    torch.manual_seed(0)
+    kwargs = dict(segmenter="scratch:tiny", classes=CLASSES, templates=ONE_TEMPLATE, unfreeze_clip=True)
+    module = SegmenterModule(**kwargs, patch_loss_weight=0.5, train_names=6, class_weights=[1.0] * 5 + [3.0] * 5)
+    module.eval()  # no dropout: the two passes below must see the same network
+    mask = batch["mask"].clone()
+    mask[0, :4] = 255  # unscored pixels pick no class
+    logits, patch = module._outputs(batch["image"], mask=mask)
+    images, names = module.training_names(mask, patch.detach())
+    chosen = torch.zeros(2, len(CLASSES), dtype=torch.bool)
+    chosen[images, names] = True
+    for b in range(2):
+        present = set(mask[b][mask[b] != 255].unique().tolist())
+        picked = set(chosen[b].nonzero().flatten().tolist())
+        assert present <= picked and len(picked) == max(6, len(present))
+        strongest = patch[b].amax(0)  # B x N x C -> the strongest patch of each class
+        absent = [c for c in range(len(CLASSES)) if c not in present]
+        ranked = sorted(absent, key=lambda c: -strongest[c].item())[: len(picked) - len(present)]
+        assert picked - present == set(ranked)
+        assert torch.isinf(logits[b][~chosen[b]]).all() and torch.isfinite(logits[b][chosen[b]]).all()
+    everything, _ = module._outputs(batch["image"])  # every pair decoded: the reference
+    restricted = everything.masked_fill(~chosen[:, :, None, None], float("-inf"))
+    torch.testing.assert_close(logits, restricted, rtol=1e-5, atol=1e-5)
+    log_p = restricted.log_softmax(1).gather(1, mask.clamp(max=len(CLASSES) - 1)[:, None])[:, 0]
+    weight = module.class_weights[mask.clamp(max=len(CLASSES) - 1)] * (mask != 255)
+    expected = -(log_p * weight).sum() / weight.sum()
+    torch.testing.assert_close(module.loss(logits, mask)["ce"], expected, rtol=1e-5, atol=1e-6)
+    module.loss(logits, mask, patch)["loss"].backward()
+    grads = [p.grad for p in module.segmenter.model.decoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    # more names than classes: every pair, as without the option
+    wide = SegmenterModule(**kwargs, patch_loss_weight=0.5, train_names=len(CLASSES))
+    wide.eval()
+    torch.testing.assert_close(wide._outputs(batch["image"], mask=mask)[0], wide._outputs(batch["image"])[0])
+    for bad in (dict(train_names=0, patch_loss_weight=1.0), dict(train_names=4), dict(train_names=4, loss="bce")):
+        with pytest.raises(ValueError, match="train_names"):
+            SegmenterModule(**kwargs, **bad)

@@ -431,15 +431,17 @@ def render_scene(scene: Scene, config: ShapesConfig, rng: np.random.Generator) -
     if missing:
         raise ValueError(f"scene uses {missing}, which are not in the config's classes {list(config.classes)}")
     region = stuff_labels(scene, size, ss)
-    labels = np.asarray([index[s] for s in scene.stuff], dtype=np.int64)[region]  # side x side
+    labels = np.asarray([index[s] for s in scene.stuff], np.min_scalar_type(len(index)))[region]  # side x side
     img = np.zeros((side, side, 3), np.float32)
     # Textures hold little detail above 2x the output resolution: draw them at 2x (4x cheaper) and repeat.
     tex_ss = math.gcd(ss, 2)
+    rep, tex_side = ss // tex_ss, size * tex_ss
+    blocks = img.reshape(tex_side, rep, tex_side, rep, 3)  # a view: each texture pixel's rep x rep sub-pixels
     for i, name in enumerate(scene.stuff):
         sel = region == i
         if config.textured:
-            tex = _texture(name, rng, size * tex_ss)
-            img[sel] = tex.repeat(ss // tex_ss, axis=0).repeat(ss // tex_ss, axis=1)[sel]
+            tex = _texture(name, rng, tex_side)[:, None, :, None]  # repeated by broadcasting, not copied
+            np.copyto(blocks, tex, where=sel.reshape(tex_side, rep, tex_side, rep)[..., None])
         else:
             img[sel] = STUFF_COLOURS[name]
     for thing in scene.things:

@@ -259,26 +259,30 @@ class PerNameSegmenter(Segmenter):
         return super().train(mode)
 
     def decode(self, features: Any, text: Any) -> torch.Tensor:
-        """Every (image, name) pair, ``pair_chunk`` pairs per decoder call: ``B x C x h x w`` logits.
+        """Every (image, name) pair: ``B x C x h x w`` logits (see :meth:`decode_listed`)."""
+        b, c = self.num_images(features), self.num_names(text)
+        logits = self.decode_listed(features, text, torch.arange(b).repeat_interleave(c), torch.arange(c).repeat(b))
+        return logits.view(b, c, *logits.shape[-2:])
+
+    def decode_listed(
+        self, features: Any, text: Any, image_index: torch.Tensor, name_index: torch.Tensor
+    ) -> torch.Tensor:
+        """The listed (image, name) pairs, ``pair_chunk`` pairs per decoder call: ``P x h x w`` logits.
 
         While autograd records (training) and there is more than one chunk, each chunk runs under activation
         checkpointing: its activations are freed after its forward and recomputed (again one chunk at a time) in the
-        backward, so memory holds one chunk's activations plus the ``B x C`` logits, not ``B x C`` pairs' activations.
+        backward, so memory holds one chunk's activations plus the pairs' logits, not every pair's activations.
         """
-        b, c = self.num_images(features), self.num_names(text)
-        image_index = torch.arange(b).repeat_interleave(c)
-        name_index = torch.arange(c).repeat(b)
         chunk = max(1, self.pair_chunk)
-        recompute = torch.is_grad_enabled() and b * c > chunk
+        recompute = torch.is_grad_enabled() and len(image_index) > chunk
         parts = []
-        for start in range(0, b * c, chunk):
+        for start in range(0, len(image_index), chunk):
             pairs = (features, text, image_index[start : start + chunk], name_index[start : start + chunk])
             if recompute:
                 parts.append(checkpoint(self.decode_pairs, *pairs, use_reentrant=False))
             else:
                 parts.append(self.decode_pairs(*pairs))
-        logits = torch.cat(parts)  # (B C) x h x w, image-major
-        return logits.view(b, c, *logits.shape[-2:])
+        return torch.cat(parts)
 
     def logits(self, pixel_values: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """Per-name logits ``B x C x h x w`` (the same names for every image)."""
