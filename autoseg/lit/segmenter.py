@@ -6,9 +6,11 @@ scores every class name; the ``B x C x H x W`` logits are upsampled to the mask 
 cross-entropy over the classes (``loss="ce"``), per-class binary cross-entropy (``"bce"``, CLIPSeg's own objective) or
 both (``"ce+bce"``), ignoring unscored pixels. The ``B x C`` (image, class) pairs are decoded the segmenter's
 ``pair_chunk`` at a time, each chunk recomputed in the backward (``PerNameSegmenter.decode``), so the head's
-activations take one chunk's memory, not ``B x C`` pairs'. The backbone (CLIP; SAM 3's ViT + FPN and text encoder)
-stays frozen unless ``unfreeze_backbone``. Validation: dataset-level mIoU of the argmax (``val/mIoU``). Export: a
-``save_pretrained`` directory (``model.safetensors`` + config + processor) for ``--segmenter DIR``.
+activations take one chunk's memory, not ``B x C`` pairs'. With ``train_names`` a training step decodes only each
+image's own classes and the absent ones its patch head scores highest (a vocabulary, as at inference). The backbone
+(CLIP; SAM 3's ViT + FPN and text encoder) stays frozen unless ``unfreeze_backbone``. Validation: dataset-level
+mIoU of the argmax (``val/mIoU``). Export: a ``save_pretrained`` directory (``model.safetensors`` + config +
+processor) for ``--segmenter DIR``.
 
 SAM 3's instance path (DETR decoder queries, boxes, ``pred_logits``, presence token, instance masks) is not trained
 here: it needs Hungarian matching of queries to ground-truth instances, which transformers' ``Sam3Model`` does not
@@ -62,8 +64,8 @@ class SegmenterModule(AutoSegModule):
         train_names: with the patch head and ``loss="ce"``: decode each training image against its own classes
             (those in its crop's mask) and the absent classes the patch head scores highest, up to this many names
             (None: every class). The cross-entropy runs over those names, as inference runs over a vocabulary of
-            the names present and a few false ones; a step decodes fewer pairs (6 of 10 classes: 0.8x a ShapesWorld
-            segmenter step).
+            the names present and a few false ones; a step decodes fewer pairs (5 of 10 classes: 0.7x a step of the
+            ShapesWorld recipe's second segmenter stage).
         pair_chunk: (image, class) pairs decoded per call while training (None: the segmenter's own). A chunk that
             holds every pair of a batch (batch size x classes) runs without activation checkpointing: faster (1.5x a
             step of the ShapesWorld recipe's small CLIPSeg on CPU), at the memory of all pairs' activations.
