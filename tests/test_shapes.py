@@ -266,3 +266,18 @@ def test_cli_writes_the_folder_format(tmp_path):
     image, mask, _ = generate_sample(4, 1, ShapesConfig(size=64))
     assert (out / "images" / "000001.png").read_bytes() == png_bytes(image)
     assert np.array_equal(np.asarray(Image.open(out / "masks" / "000001.png")), mask)
+
+
+def test_paint_texture_equals_repeating_the_texture_and_masking():
+    """The renderer's stuff fill: the same values as ``img[sel] = tex.repeat(r, 0).repeat(r, 1)[sel]``."""
+    from autoseg.data.shapes_scene import paint_texture
+
+    rng = np.random.default_rng(0)
+    for side, rep in ((8, 1), (8, 2), (16, 4)):
+        img = rng.random((side * rep, side * rep, 3), dtype=np.float32)
+        sel = rng.random((side * rep, side * rep)) < 0.4
+        tex = rng.random((side, side, 3), dtype=np.float32)
+        expected = img.copy()
+        expected[sel] = tex.repeat(rep, axis=0).repeat(rep, axis=1)[sel]
+        paint_texture(img, sel, tex)
+        assert np.array_equal(img, expected)

@@ -412,6 +412,14 @@ def _block_majority(
     return out
 
 
+def paint_texture(img: np.ndarray, sel: np.ndarray, tex: np.ndarray) -> None:
+    """``img[sel] = tex`` upsampled by pixel repetition to ``img``'s side (``img``: S x S x 3, ``sel``: S x S bool,
+    ``tex``: s x s x 3 with s dividing S), in place: the texture is broadcast over each pixel's block, not copied."""
+    side, rep = tex.shape[0], img.shape[0] // tex.shape[0]
+    blocks = img.reshape(side, rep, side, rep, 3)  # a view: each texture pixel's rep x rep sub-pixels
+    np.copyto(blocks, tex[:, None, :, None], where=sel.reshape(side, rep, side, rep)[..., None])
+
+
 def render_scene(scene: Scene, config: ShapesConfig, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
     """Draw a scene.
 
@@ -435,13 +443,10 @@ def render_scene(scene: Scene, config: ShapesConfig, rng: np.random.Generator) -
     img = np.zeros((side, side, 3), np.float32)
     # Textures hold little detail above 2x the output resolution: draw them at 2x (4x cheaper) and repeat.
     tex_ss = math.gcd(ss, 2)
-    rep, tex_side = ss // tex_ss, size * tex_ss
-    blocks = img.reshape(tex_side, rep, tex_side, rep, 3)  # a view: each texture pixel's rep x rep sub-pixels
     for i, name in enumerate(scene.stuff):
         sel = region == i
         if config.textured:
-            tex = _texture(name, rng, tex_side)[:, None, :, None]  # repeated by broadcasting, not copied
-            np.copyto(blocks, tex, where=sel.reshape(tex_side, rep, tex_side, rep)[..., None])
+            paint_texture(img, sel, _texture(name, rng, size * tex_ss))
         else:
             img[sel] = STUFF_COLOURS[name]
     for thing in scene.things:
