@@ -38,6 +38,13 @@ from autoseg.pipeline import segment_with
 LOSSES = ("ce", "bce", "ce+bce")
 
 
+def resize_logits(logits: torch.Tensor, size) -> torch.Tensor:
+    """``N x C x h x w`` logits bilinearly resized to ``size`` (unchanged when already that size)."""
+    if logits.shape[-2:] == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
 class SegmenterModule(AutoSegModule):
     """A segmenter with per-name logits (frozen backbone by default) and a trainable head.
 
@@ -203,10 +210,16 @@ class SegmenterModule(AutoSegModule):
             images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
         return (images - self.pixel_mean) / self.pixel_std
 
-    def _logits(self, features: Any, size) -> torch.Tensor:
-        logits = self.segmenter.decode(features, self.segmenter.text_embeddings(self.hparams.classes))
-        if logits.shape[-2:] != tuple(size):
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    def _logits(self, features: Any, size, pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``B x C x H x W`` logits of every class, or only of the listed (image indices, class indices) ``pairs``
+        (the others ``-inf``: no probability, no gradient)."""
+        text = self.segmenter.text_embeddings(self.hparams.classes)
+        if pairs is None:
+            return resize_logits(self.segmenter.decode(features, text), size)
+        listed = resize_logits(self.segmenter.decode_listed(features, text, *pairs)[:, None], size)[:, 0]  # P x H x W
+        shape = (self.segmenter.num_images(features), len(self.hparams.classes), *listed.shape[-2:])
+        logits = listed.new_full(shape, -torch.inf)  # resized before: -inf must not enter the interpolation
+        logits[pairs] = listed
         return logits
 
     def _outputs(
@@ -224,16 +237,10 @@ class SegmenterModule(AutoSegModule):
         if not decode:
             return None, patch
         features = [states[i + 1] for i in self.segmenter.model.extract_layers]
-        if mask is None or self.hparams.train_names >= len(self.hparams.classes):
-            return self._logits(features, images.shape[-2:]), patch
-        image_index, name_index = self.training_names(mask, patch.detach())
-        text = self.segmenter.text_embeddings(self.hparams.classes)
-        pairs = self.segmenter.decode_listed(features, text, image_index, name_index)  # P x h x w
-        if pairs.shape[-2:] != images.shape[-2:]:
-            pairs = F.interpolate(pairs[:, None], size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        logits = pairs.new_full((len(images), len(self.hparams.classes), *pairs.shape[-2:]), float("-inf"))
-        logits[image_index, name_index] = pairs
-        return logits, patch
+        pairs = None
+        if mask is not None and self.hparams.train_names < len(self.hparams.classes):
+            pairs = self.training_names(mask, patch.detach())
+        return self._logits(features, images.shape[-2:], pairs), patch
 
     def training_names(self, mask: torch.Tensor, patch_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (image, class) pairs a training step decodes with ``train_names``: every class in an image's mask
@@ -263,9 +270,7 @@ class SegmenterModule(AutoSegModule):
         out: dict[str, torch.Tensor] = {}
         total = mask.new_zeros((), dtype=torch.float32)
         if logits is not None:
-            if logits.shape[-2:] != mask.shape[-2:]:
-                logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-            logits = logits.float()
+            logits = resize_logits(logits, mask.shape[-2:]).float()
             if "ce" in hp.loss.split("+"):
                 out["ce"] = F.cross_entropy(logits, mask, weight=self.class_weights, ignore_index=hp.ignore_index)
             if "bce" in hp.loss.split("+"):
