@@ -4,6 +4,7 @@ resuming a killed clip, a broken video beside a good one, and eval.py scoring th
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from autoseg.data.shapes_scene import ShapesConfig
 from autoseg.data.shapes_video import write_video_dataset
 from autoseg.utils.video import ClipSource, iter_video
 from autoseg.video import outputs as clip_outputs
-from autoseg.video.smoothing import LogitAverage, warmup_frames
+from autoseg.video.smoothing import LogitAverage, frame_tensor, warmup_frames
 from autoseg.video.vocabulary import VocabularyOptions, merge_names
 
 DEBUG_CONFIG = "configs/debug/pipeline.yaml"
@@ -165,3 +166,12 @@ def test_a_broken_video_is_reported_and_the_others_are_segmented(
     assert "broken.mp4" in err and "good" not in err
     assert json.loads((tmp_path / "out" / "good.json").read_text())["frames"] == list(range(FRAMES))
     assert not (tmp_path / "out" / "broken.json").exists()
+
+
+def test_frame_tensor_is_the_image_as_float_channels_without_a_warning():
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy of a PIL image's read-only array warned here
+        out = frame_tensor(Image.fromarray(rgb))
+    assert out.dtype == torch.float32 and out.shape == (3, 5, 7)
+    assert np.array_equal(out.numpy(), rgb.transpose(2, 0, 1).astype(np.float32))

@@ -87,7 +87,8 @@ class LogitAverage:
 
 def frame_tensor(image: Image.Image) -> torch.Tensor:
     """``3 x H x W`` float 0-255 of an image (what the motion gate compares)."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float()
+    pixels = np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy warns on a PIL image's read-only array
+    return torch.from_numpy(pixels).permute(2, 0, 1).float()
 
 
 @torch.inference_mode()
