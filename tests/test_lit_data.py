@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from autoseg.data.datamodules import DataSource, SegmentationDataModule, ShapesWorldSpec, shard_classes
-from autoseg.data.transforms import SegmentationTransform, collate
+from autoseg.data.transforms import SegmentationTransform, collate, nearest_index
 
 COLOURS = np.array([[250, 0, 0], [0, 250, 0], [0, 0, 250], [250, 250, 0]], dtype=np.uint8)
 
@@ -68,11 +68,24 @@ def test_outputs_equal_torchvisions_v2_pipeline(train, size, scale):
         }
         torch.manual_seed(seed)
         expected = reference(sample)
-        torch.manual_seed(seed)
-        out = ours(item)
-        assert torch.equal(out["image"], expected["image"].as_subclass(torch.Tensor)), seed
-        assert torch.equal(out["mask"], expected["mask"].as_subclass(torch.Tensor)), seed
+        for mask in (item["mask"], item["mask"].astype(np.uint8)):  # as read, and as the decoded-item cache keeps it
+            torch.manual_seed(seed)
+            out = ours({**item, "mask": mask})
+            assert torch.equal(out["image"], expected["image"].as_subclass(torch.Tensor)), seed
+            assert torch.equal(out["mask"], expected["mask"].as_subclass(torch.Tensor)), seed
+            assert out["mask"].dtype == torch.int64
         assert torch.rand(1).item() == (torch.manual_seed(seed), reference(sample), torch.rand(1).item())[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_nearest_index_is_where_torchs_nearest_resize_reads(dtype):
+    """Every (input, output) length up to 160 x 200: the source pixel ``F.interpolate(mode="nearest")`` takes for each
+    output pixel (the resize torchvision runs on label maps, cast to float32 or kept uint8)."""
+    for n_in in range(1, 161):
+        source = torch.arange(n_in).remainder(256).to(dtype)[None, None, None].expand(1, 1, 2, n_in)
+        for n_out in range(1, 201):
+            read = torch.nn.functional.interpolate(source, size=(2, n_out), mode="nearest")[0, 0, 0].long()
+            assert torch.equal(read, nearest_index(n_in, n_out).remainder(256)), (n_in, n_out)
 
 
 def test_flip_only_changes_both_identically():
@@ -153,7 +166,7 @@ def test_cached_training_items_equal_the_read_ones_and_outlive_the_files(tmp_pat
     assert len(read) == len(cached) == 4
     for a, b in zip(read, cached, strict=True):
         assert a["name"] == b["name"] and torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
-        assert b["mask"].dtype == torch.int64
+        assert b["mask"].dtype == torch.int64  # the cache keeps uint8 labels; the transform returns int64
     shutil.rmtree(root / "images")  # every item was read once: the cache serves them
     again = list(dm.train_dataloader())
     assert len(again) == 2 and again[0]["image"].shape == (2, 3, 32, 32)

@@ -171,7 +171,8 @@ class _FolderCaptions(Dataset):
 
 class _Decoded(Dataset):
     """Items of a map-style dataset decoded once and then served from memory (``cache_decoded``): the image as
-    decoded, the mask in the smallest integer type that holds it (returned as int64, as read)."""
+    decoded, the mask in the smallest integer type that holds it (returned as uint8 when its labels fit, which the
+    joint transform resizes as they are, else as int64, as read)."""
 
     def __init__(self, base: Any):
         self.base = base
@@ -189,7 +190,7 @@ class _Decoded(Dataset):
                 item["mask"] = mask.astype(np.min_scalar_type(int(mask.max())))
             self.items[index] = item
         out = dict(item)
-        if isinstance(out.get("mask"), np.ndarray):
+        if isinstance(out.get("mask"), np.ndarray) and out["mask"].dtype != np.uint8:
             out["mask"] = out["mask"].astype(np.int64)
         return out
 

@@ -9,16 +9,44 @@ takes it from its model's image processor.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import default_collate
-from torchvision.transforms import InterpolationMode, v2
+from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-NEAREST = InterpolationMode.NEAREST
+
+@lru_cache(maxsize=4096)
+def nearest_index(n_in: int, n_out: int) -> torch.Tensor:
+    """Source index of each of ``n_out`` pixels in torch's ``mode="nearest"`` resize from ``n_in`` (ATen's
+    ``nearest_idx``: ``min(floor(i * (n_in / n_out)), n_in - 1)`` in float32), which torchvision's mask resize runs."""
+    if n_out == n_in:
+        return torch.arange(n_out)
+    if n_out == 2 * n_in:
+        return torch.arange(n_out) // 2
+    scale = np.float32(n_in) / np.float32(n_out)
+    return torch.from_numpy(np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale), n_in - 1).astype(np.int64))
+
+
+def crop_resize_mask(mask: torch.Tensor, top: int, left: int, height: int, width: int, size: int) -> torch.Tensor:
+    """``mask[top:top+height, left:left+width]`` resized to ``size x size`` by nearest neighbour: what
+    ``TF.resized_crop(mask, ..., interpolation=NEAREST)`` gives, as one gather (torchvision casts a label map to float
+    and back around ``upsample_nearest2d``: most of an item's mask cost)."""
+    return mask.index_select(0, nearest_index(height, size) + top).index_select(1, nearest_index(width, size) + left)
+
+
+def crop_resize_image(pixels: torch.Tensor, top: int, left: int, height: int, width: int, size: int) -> torch.Tensor:
+    """``3 x H x W`` uint8 cropped and resized (bilinear, antialiased) to ``size x size`` uint8: torchvision's
+    ``resized_crop`` kernel for a uint8 image on the CPU, called without its dispatch."""
+    crop = pixels[:, top : top + height, left : left + width]
+    if (height, width) == (size, size):
+        return crop
+    return F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
 class SegmentationTransform:
@@ -58,35 +86,33 @@ class SegmentationTransform:
         image = item["image"]
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image in item['image'], got {type(image).__name__}")
-        pixels = TF.pil_to_tensor(image.convert("RGB"))
+        pixels = torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB"))).permute(2, 0, 1)
         mask = None
         if item.get("mask") is not None:
-            mask = torch.as_tensor(np.asarray(item["mask"]), dtype=torch.int64)
+            mask = torch.from_numpy(np.array(item["mask"]))  # labels of up to 255 stay uint8 until the end
+            mask = mask if mask.dtype == torch.uint8 else mask.long()
             if tuple(mask.shape) != (image.height, image.width):
                 raise ValueError(
                     f"{item.get('path', item.get('name', '?'))}: mask {tuple(mask.shape)} and image "
                     f"{(image.height, image.width)} (H, W) differ in size"
                 )
-        # torchvision's functional ops on plain tensors, drawing what v2.Compose([RandomResizedCrop,
-        # RandomHorizontalFlip]) draws (same outputs): the Compose's tv_tensors and pytree handling cost 40% of
-        # an item, which the recipe's small CPU training steps wait for
-        side = [self.size, self.size]
+        # torchvision's kernels on plain tensors, drawing what v2.Compose([RandomResizedCrop, RandomHorizontalFlip])
+        # draws (same outputs): the Compose's tv_tensors and pytree handling, the dispatch and the mask's float casts
+        # cost most of an item, which the recipe's small CPU training steps wait for
+        box = {"top": 0, "left": 0, "height": image.height, "width": image.width}
         if self.train:
             box = self.crop.make_params([pixels])
-            pixels = TF.resized_crop(pixels, **box, size=side, antialias=True)
-            mask = None if mask is None else TF.resized_crop(mask[None], **box, size=side, interpolation=NEAREST)[0]
-            if self.hflip and torch.rand(1) < 0.5:
-                pixels, mask = pixels.flip(-1), None if mask is None else mask.flip(-1)
-        else:
-            pixels = TF.resize(pixels, side, antialias=True)
-            mask = None if mask is None else TF.resize(mask[None], side, interpolation=NEAREST)[0]
+        pixels = crop_resize_image(pixels, **box, size=self.size)
+        mask = None if mask is None else crop_resize_mask(mask, **box, size=self.size)
+        if self.train and self.hflip and torch.rand(1) < 0.5:
+            pixels, mask = pixels.flip(-1), None if mask is None else mask.flip(-1)
         result = {
-            "image": TF.to_dtype(pixels, torch.float32, scale=True),
+            "image": TF.to_dtype_image(pixels, torch.float32, scale=True),
             "name": str(item.get("name", "")),
             "path": str(item.get("path", "")),
         }
         if mask is not None:
-            result["mask"] = mask
+            result["mask"] = mask.long()
         result["orig_size"] = torch.tensor([image.height, image.width])
         return result
 
