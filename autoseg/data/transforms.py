@@ -20,6 +20,8 @@ from torch.utils.data import default_collate
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from autoseg.utils.images import rgb_tensor
+
 
 @lru_cache(maxsize=4096)
 def nearest_index(n_in: int, n_out: int) -> torch.Tensor:
@@ -86,7 +88,7 @@ class SegmentationTransform:
         image = item["image"]
         if not isinstance(image, Image.Image):
             raise TypeError(f"expected a PIL image in item['image'], got {type(image).__name__}")
-        pixels = torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB"))).permute(2, 0, 1)
+        pixels = rgb_tensor(image)
         mask = None
         if item.get("mask") is not None:
             mask = torch.from_numpy(np.array(item["mask"]))  # labels of up to 255 stay uint8 until the end

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Union
 
 import numpy as np
+import torch
 from PIL import Image
 
 from autoseg.utils.io import DEFAULT_MAX_PIXELS, load_image
@@ -49,3 +50,9 @@ def as_images(images: ImageInput | Sequence[ImageInput]) -> tuple[list[Image.Ima
     if not items:
         raise ValueError("no images given")
     return [as_image(x) for x in items], False
+
+
+def rgb_tensor(image: Image.Image) -> torch.Tensor:
+    """``3 x H x W`` uint8 RGB pixels of a PIL image, in memory of their own (``torch.from_numpy`` warns on the
+    read-only array a PIL image exposes)."""
+    return torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB"))).permute(2, 0, 1)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from autoseg.models.segmenters.base import PerNameSegmenter, Segmenter, labels_from_logits
+from autoseg.utils.images import rgb_tensor
 from autoseg.utils.video import frame_chunks
 from autoseg.video import DEFAULT_MOTION, DEFAULT_SMOOTHING
 
@@ -87,8 +88,7 @@ class LogitAverage:
 
 def frame_tensor(image: Image.Image) -> torch.Tensor:
     """``3 x H x W`` float 0-255 of an image (what the motion gate compares)."""
-    pixels = np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy warns on a PIL image's read-only array
-    return torch.from_numpy(pixels).permute(2, 0, 1).float()
+    return rgb_tensor(image).float()
 
 
 @torch.inference_mode()
